@@ -1,0 +1,104 @@
+"""The one interface every generation backend implements (vLLM engine, OpenAI-compatible server, transformers).
+
+Jobs (`sample`, `rollout`, `signals`, `rank`) only talk to a `Generator`, so a user switches backend with one
+config key and gets the same rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Union
+
+Messages = list[dict[str, str]]
+# A prompt is either plain text (used verbatim) or a conversation (the chat template is applied with
+# add_generation_prompt=True).
+Prompt = Union[str, Messages]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings shared by every backend. temperature == 0 means greedy."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n < 1:
+            problems.append(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n > 1 and self.temperature == 0:
+            problems.append(f"n={self.n} samples with temperature 0 would be {self.n} identical greedy copies")
+        if problems:
+            raise ValueError("invalid sampling parameters: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One generated response. `token_ids` are the response tokens exactly as generated (EOS included when the
+    model stopped on it), so that signals can later be computed on exactly these ids."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class TokenScores:
+    """Teacher signals for one response: per response token t,
+    `token_logprobs[t]` = log p(response token t | prefix), `topk_ids[t]` / `topk_logprobs[t]` the K most likely
+    ids (or the ids asked for in `gather_ids`) and their log-probs, `rest_logmass[t]` = log(1 − Σ_k p_k)."""
+
+    token_logprobs: list[float]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    rest_logmass: list[float] = field(default_factory=list)
+
+
+class Generator(ABC):
+    """A text generator and scorer. Backends load their model in `__init__` and free it in `close()`."""
+
+    #: the tokenizer that defines prompt/response token ids (same one the student uses)
+    tokenizer: object
+
+    @abstractmethod
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions per prompt, in prompt order."""
+
+    @abstractmethod
+    def score(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        top_k: int,
+        gather_ids: list[list[list[int]]] | None = None,
+    ) -> list[TokenScores]:
+        """Log-probs of each response token given its prompt + previous response tokens. With `gather_ids`
+        (per row, per response token, K ids), log-probs are taken at exactly those ids instead of this model's
+        own top-k (e.g. the reference model at the DPO teacher's top-k ids)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model / engine / connections."""
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

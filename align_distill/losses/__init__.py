@@ -1,0 +1,37 @@
+"""Pure tensor losses of every method (no trainer state). See each module's docstring for shapes.
+
+Names are resolved lazily so that `import align_distill.losses` stays cheap and each module stays independent.
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # chunked full-vocabulary machinery, shared by every full-vocabulary loss
+    "kd_loss": "divergence",
+    "chunked_token_map": "divergence",
+    # DCKD / ADPA (specs/dckd_adpa.md)
+    "topk_kd_loss": "topk",
+    "adpa_advantages": "adpa",
+    "adpa_loss": "adpa",
+    # AlignDistil (specs/aligndistil.md)
+    "aligndistil_teacher": "aligndistil",
+    "aligndistil_loss": "aligndistil",
+    # LLaVA-MoD (specs/llava_mod.md)
+    "teacher_ref_preference_loss": "preference",
+    "moe_balancing_loss": "moe",
+    # CycleAlign (specs/cyclealign.md)
+    "pro_loss": "ranking",
+    # shared helpers
+    "masked_mean": "reduction",
+    "sequence_logps": "reduction",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'align_distill.losses' has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return getattr(module, name)
