@@ -1,0 +1,324 @@
+"""Reading datasets from local files (jsonl, json, parquet, csv), `save_to_disk` folders or the hub.
+
+Text files are parsed here rather than by `datasets.load_dataset`, so that a bad line or a cell of the wrong type is
+reported with its file, row and column instead of a pyarrow cast error, and nothing is written to a cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlparse
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .problems import DataProblem, DataValidationError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long to wait for the hub to answer before calling it unreachable (offline must fail fast, not hang)."""
+
+Records = Sequence[dict[str, Any]]
+"""Rows as dicts: a list for text files, a `datasets.Dataset` (which iterates as dicts) for arrow sources."""
+
+
+def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+    """Read `source` (a data file, a `save_to_disk` folder or a hub dataset name) as a `datasets.Dataset`.
+
+    Raises DataValidationError naming the file (and row and column where known) when it is missing, unreadable or
+    corrupt, or when a column mixes types that one arrow column cannot hold.
+    """
+    records = read_records(source, split)
+    if isinstance(records, datasets.Dataset):
+        return records
+    return records_to_dataset(records, source)
+
+
+def read_records(source: str, split: str = "train") -> Records:
+    """Read `source` into rows without forcing one type per column, so validation can name each bad cell."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_saved_folder(source, path, split)
+    if path.is_file():
+        if split != "train":
+            _fail(source, f"a single file holds one split (train); split {split!r} was asked for")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(source, path)
+        if suffix == ".json":
+            return _read_json(source, path)
+        if suffix == ".parquet":
+            return _read_parquet(source, path)
+        if suffix == ".csv":
+            return _read_csv(source, path)
+        _fail(source, f"unsupported file type {suffix or '(no suffix)'!r}; expected one of {', '.join(FILE_SUFFIXES)}")
+    if _looks_like_path(source):
+        _fail(source, "no such file or folder")
+    return _read_hub(source, split)
+
+
+def records_to_dataset(records: Records, source: str) -> datasets.Dataset:
+    """Build an in-memory Dataset from rows; columns are the union of all rows' keys (absent cells become null)."""
+    columns: dict[str, None] = {}
+    for record in records:
+        columns.update(dict.fromkeys(record))
+    table = {column: [record.get(column) for record in records] for column in columns}
+    try:
+        return datasets.Dataset.from_dict(table)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as error:
+        problems = _mixed_type_problems(table, source)
+        fallback = [DataProblem(source, None, None, f"cannot build a dataset: {error}")]
+        raise DataValidationError(problems or fallback) from error
+
+
+def _fail(source: str, message: str, row: int | None = None, column: str | None = None) -> NoReturn:
+    raise DataValidationError([DataProblem(source, row, column, message)])
+
+
+def _looks_like_path(source: str) -> bool:
+    """A name with a data-file suffix, a path prefix or more than one '/' cannot be a hub id ('owner/name')."""
+    return (
+        source.lower().endswith(FILE_SUFFIXES)
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or os.sep != "/"
+        and os.sep in source
+    )
+
+
+def _read_jsonl(source: str, path: Path) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    problems: list[DataProblem] = []
+    row = 0
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                row += 1
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    problems.append(
+                        DataProblem(
+                            source,
+                            row,
+                            None,
+                            f"line {line_number} is not valid JSON: {error.msg} (character {error.colno})",
+                        )
+                    )
+                    continue
+                if not isinstance(value, dict):
+                    problems.append(
+                        DataProblem(
+                            source,
+                            row,
+                            None,
+                            f"line {line_number} holds a {type(value).__name__}, expected a JSON object",
+                        )
+                    )
+                    continue
+                records.append(value)
+    except (OSError, UnicodeDecodeError) as error:
+        _fail(source, f"cannot read file: {error}")
+    if problems:
+        raise DataValidationError(problems)
+    return records
+
+
+def _read_json(source: str, path: Path) -> list[dict[str, Any]]:
+    """A JSON array of objects, an object mapping split names to arrays, or (like `datasets`) JSON Lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        _fail(source, f"cannot read file: {error}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):
+            _fail(source, f"not valid JSON: {error.msg} at line {error.lineno}, character {error.colno}")
+        return _read_jsonl(source, path)
+    if isinstance(value, dict) and isinstance(value.get("train"), list):
+        value = value["train"]
+    elif isinstance(value, dict):
+        value = [value]  # a one-line JSON Lines file
+    if not isinstance(value, list):
+        _fail(source, f"holds a {type(value).__name__}, expected a JSON array of objects")
+    problems = [
+        DataProblem(source, row, None, f"array item holds a {type(item).__name__}, expected a JSON object")
+        for row, item in enumerate(value, start=1)
+        if not isinstance(item, dict)
+    ]
+    if problems:
+        raise DataValidationError(problems)
+    return value
+
+
+def _read_parquet(source: str, path: Path) -> datasets.Dataset:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        _fail(source, f"not a readable parquet file: {error}")
+    return datasets.Dataset(table)
+
+
+def _read_csv(source: str, path: Path) -> list[dict[str, Any]]:
+    """Cells are strings; a cell that parses as a JSON list or object (conversations, rankings) is decoded."""
+    csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # long responses are normal
+    records: list[dict[str, Any]] = []
+    problems: list[DataProblem] = []
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                _fail(source, "empty file: expected a header row with the column names")
+            duplicates = sorted({name for name in header if header.count(name) > 1})
+            if duplicates:
+                _fail(source, f"header repeats column name(s) {', '.join(duplicates)}")
+            for row, cells in enumerate(reader, start=1):
+                if len(cells) != len(header):
+                    problems.append(
+                        DataProblem(
+                            source,
+                            row,
+                            None,
+                            f"has {len(cells)} fields, the header has {len(header)} (line {reader.line_num})",
+                        )
+                    )
+                    continue
+                records.append({name: _decode_cell(cell) for name, cell in zip(header, cells)})
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        _fail(source, f"cannot read CSV: {error}")
+    if problems:
+        raise DataValidationError(problems)
+    return records
+
+
+def _decode_cell(cell: str) -> Any:
+    if cell.lstrip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(cell)
+        except json.JSONDecodeError:
+            return cell
+        if isinstance(value, (list, dict)):
+            return value
+    return cell
+
+
+def _read_saved_folder(source: str, path: Path, split: str) -> datasets.Dataset:
+    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        _fail(
+            source,
+            "folder is not a datasets.save_to_disk folder (no dataset_info.json or dataset_dict.json); "
+            f"for data files, give the file path ({', '.join(FILE_SUFFIXES)})",
+        )
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # any failure here means a damaged folder; say which
+        _fail(source, f"cannot load saved dataset: {type(error).__name__}: {error}")
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            _fail(source, f"has no split {split!r}; splits: {', '.join(loaded)}")
+        return loaded[split]
+    if split not in ("train", str(loaded.split) if loaded.split is not None else "train"):
+        _fail(source, f"holds a single dataset (split {loaded.split or 'train'}); split {split!r} was asked for")
+    return loaded
+
+
+def _read_hub(source: str, split: str) -> datasets.Dataset:
+    reason = hub_unavailable()
+    if reason:
+        _fail(source, f"no such file or folder, and it cannot be loaded as a hub dataset: {reason}")
+    try:
+        loaded = datasets.load_dataset(source, split=split)
+    except Exception as error:  # the hub raises many types; all mean "cannot load this name"
+        _fail(
+            source, f"no such file or folder, and loading it as a hub dataset failed: {type(error).__name__}: {error}"
+        )
+    if not isinstance(loaded, datasets.Dataset):
+        _fail(source, f"hub dataset did not give one split for split={split!r}")
+    return loaded
+
+
+def hub_unavailable() -> str | None:
+    """Why the hub cannot be used now, or None; a short TCP probe so that no internet means an error, not a hang."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"offline mode ({variable}={os.environ[variable]})"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or ""
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe, daemon=True)  # daemon: a hung DNS lookup must not block exit
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    if not outcome:
+        return f"{endpoint} did not answer within {HUB_PROBE_TIMEOUT_S:g} s (no internet?)"
+    if outcome[0] is not None:
+        return f"{endpoint} is unreachable ({outcome[0]})"
+    return None
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _mixed_type_problems(table: dict[str, list[Any]], source: str) -> list[DataProblem]:
+    """Name the cells whose type differs from their column's first non-null cell, else the column arrow rejects."""
+    problems: list[DataProblem] = []
+    for column, values in table.items():
+        first: tuple[str, int] | None = None
+        column_problems = []
+        for row, value in enumerate(values, start=1):
+            kind = _kind(value)
+            if kind is None:
+                continue
+            if first is None:
+                first = (kind, row)
+            elif kind != first[0]:
+                column_problems.append(
+                    DataProblem(
+                        source,
+                        row,
+                        column,
+                        f"holds a {kind}, but row {first[1]} holds a {first[0]}; a column must hold one type",
+                    )
+                )
+        if not column_problems:
+            try:
+                pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+                column_problems.append(DataProblem(source, None, column, f"values do not share one type: {error}"))
+        problems.extend(column_problems)
+    return problems
