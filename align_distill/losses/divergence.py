@@ -1,0 +1,229 @@
+"""Chunked full-vocabulary divergences: the one place where per-position work over `[B, T, V]` is chunked.
+
+Why chunk: at T=2048, V=49152 one float32 `[T, V]` tensor is 384 MiB, and a plain log-softmax KL keeps several
+(two log-softmaxes, probabilities, products, their gradients). `chunked_token_map` gathers only the masked
+positions, `chunk_size` rows at a time, upcasts that chunk to float32 and computes the per-position values *and*
+their gradient with respect to the chunk right away (a forward-time gradient, as fused cross-entropy kernels
+do). No chunk's float32 intermediates outlive the chunk, and the backward only scales the stored per-row
+gradients (kept in the input dtype) by the incoming gradient, with no recomputation.
+Every full-vocabulary loss of `align_distill.losses` (kd, top-k, ADPA, AlignDistil) goes through it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .reduction import Reduction, masked_mean
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+# Default chunk: about 2**22 elements per float32 intermediate (16 MiB), i.e. 85 rows at V=49152.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float32, or float64 when an input already is (exact references and gradcheck run in float64)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def default_chunk_size(row_numel: int) -> int:
+    """Rows per chunk so that one float32 intermediate of a chunk holds about `CHUNK_ELEMENTS` elements."""
+    return max(1, CHUNK_ELEMENTS // max(1, row_numel))
+
+
+class _TokenMap(torch.autograd.Function):
+    """Autograd for `chunked_token_map`: per-row gradients are computed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, fn, b_idx, t_idx, chunk_size, dtype, *tensors):  # type: ignore[override]
+        differentiable = [i for i, x in enumerate(tensors) if x is not None and ctx.needs_input_grad[5 + i]]
+        n = b_idx.numel()
+        shape = next(x for x in tensors if x is not None).shape[:2]
+        row_grads = [
+            torch.empty((n, *tensors[i].shape[2:]), dtype=tensors[i].dtype, device=tensors[i].device)
+            for i in differentiable
+        ]
+        outputs: list[torch.Tensor] | None = None
+        for start in range(0, max(n, 1), chunk_size):  # one (empty) pass when n == 0 to learn fn's outputs
+            rows = slice(start, start + chunk_size)
+            b, t = b_idx[rows], t_idx[rows]
+            with torch.set_grad_enabled(bool(differentiable)):
+                chunk = [None if x is None else _gather_rows(x, b, t, dtype) for x in tensors]
+                for i in differentiable:
+                    chunk[i].requires_grad_(True)
+                result = fn(*chunk)
+                result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+                for k, value in enumerate(result):
+                    if value.shape != b.shape:
+                        raise ValueError(
+                            f"chunked_token_map: fn output {k} has shape {tuple(value.shape)}, expected one value "
+                            f"per position ({b.numel()},)"
+                        )
+                if differentiable and result[0].requires_grad:
+                    grads = torch.autograd.grad(result[0].sum(), [chunk[i] for i in differentiable], allow_unused=True)
+                else:
+                    grads = [None] * len(differentiable)
+            if outputs is None:
+                outputs = [torch.zeros(shape, dtype=value.dtype, device=value.device) for value in result]
+            for out, value in zip(outputs, result):
+                out[b, t] = value.detach()
+            for buf, grad in zip(row_grads, grads):
+                buf[rows] = 0 if grad is None else grad
+        ctx.differentiable = differentiable
+        ctx.shapes = [None if x is None else (x.shape, x.dtype) for x in tensors]
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(b_idx, t_idx, *row_grads)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values, *_aux_grads):  # type: ignore[override]
+        b_idx, t_idx, *row_grads = ctx.saved_tensors
+        grads: list[torch.Tensor | None] = [None] * len(ctx.shapes)
+        if grad_values is None:
+            return (None,) * 5 + tuple(grads)
+        for i, row_grad in zip(ctx.differentiable, row_grads):
+            shape, dtype = ctx.shapes[i]
+            full = torch.zeros(shape, dtype=dtype, device=row_grad.device)
+            for start in range(0, b_idx.numel(), ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                b, t = b_idx[rows], t_idx[rows]
+                scale = grad_values[b, t].reshape(-1, *([1] * (row_grad.dim() - 1)))
+                full[b, t] = (row_grad[rows].to(scale.dtype) * scale).to(dtype)
+            grads[i] = full
+        return (None,) * 5 + tuple(grads)
+
+
+def _gather_rows(x: torch.Tensor, b: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `x[b, t]` (a copy of the chunk only, whatever the strides of `x`), floats upcast to `dtype`."""
+    rows = x.detach()[b, t]
+    return rows.to(dtype) if rows.is_floating_point() else rows
+
+
+def chunked_token_map(
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    *tensors: torch.Tensor | None,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Apply a per-position `fn` to the masked positions of `[B, T, ...]` tensors, chunk by chunk.
+
+    `fn` gets one chunk of each tensor as `[n, ...]` rows (floating tensors upcast to float32, float64 kept;
+    `None` passed through) and returns `[n]` values, or a tuple whose first element is the differentiable value
+    and the rest auxiliary `[n]` values (statistics, no gradient). `fn` must treat rows independently and use no
+    tensor that requires grad other than its arguments. Returns `[B, T]` (or a tuple of them), zero at unmasked
+    positions; the gradient flows to every input tensor that requires grad, in that tensor's dtype.
+    `chunk_size` = rows per chunk; None picks `default_chunk_size` of the widest row.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"chunked_token_map: mask must be [B, T], found shape {tuple(mask.shape)}")
+    present = [x for x in tensors if x is not None]
+    if not present:
+        raise ValueError("chunked_token_map: expected at least one [B, T, ...] tensor, found none")
+    for k, x in enumerate(tensors):
+        if x is not None and x.shape[:2] != mask.shape:
+            raise ValueError(
+                f"chunked_token_map: tensor {k} has shape {tuple(x.shape)}, expected leading dims "
+                f"{tuple(mask.shape)} (the mask's [B, T])"
+            )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(max(math.prod(x.shape[2:]) for x in present))
+    if chunk_size < 1:
+        raise ValueError(f"chunked_token_map: chunk_size must be a positive number of rows, found {chunk_size}")
+    b_idx, t_idx = mask.bool().nonzero(as_tuple=True)
+    outputs = _TokenMap.apply(fn, b_idx, t_idx, chunk_size, compute_dtype(*present), *tensors)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence `[...]` between the two softmax distributions over the last dim (plain, unchunked rows).
+
+    `forward_kl` = KL(teacher ‖ student); `reverse_kl` = KL(student ‖ teacher); `jsd` = TRL's generalized JSD
+    (GKD, arXiv 2306.13649 Eq. 1; `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`): with the mixture
+    m = (1 − β)·p_student + β·p_teacher, JSD_β = β·KL(p_teacher ‖ m) + (1 − β)·KL(p_student ‖ m); like TRL,
+    β = 0 gives the forward KL and β = 1 the reverse KL. Both logits are divided by `temperature` (no T² factor).
+    """
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        return _kl(log_t, log_s)
+    if divergence == "reverse_kl":
+        return _kl(log_s, log_t)
+    if divergence == "jsd":
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+        return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    raise ValueError(f"unknown divergence {divergence!r}; expected forward_kl, reverse_kl or jsd")
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last dim from log-probabilities; terms with p = 0 count 0 (so -inf logits are safe)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def check_logits(student_logits: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, other_name: str) -> None:
+    """Raise a clear error unless `student_logits`, `other` are `[B, T, V]` alike and `mask` is `[B, T]`."""
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], found shape {tuple(student_logits.shape)}")
+    if other.shape != student_logits.shape:
+        hint = ""
+        if (
+            other.dim() == 3
+            and other.shape[:2] == student_logits.shape[:2]
+            and other.shape[2] > student_logits.shape[2]
+        ):
+            hint = f" (padded vocabulary? slice {other_name}[..., :{student_logits.shape[2]}] first)"
+        raise ValueError(
+            f"{other_name} has shape {tuple(other.shape)}, expected the student's {tuple(student_logits.shape)}{hint}"
+        )
+    if mask.shape != student_logits.shape[:2]:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected [B, T] = {tuple(student_logits.shape[:2])}")
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    reduction: Reduction = "token_mean",
+) -> torch.Tensor:
+    """Full-vocabulary distillation loss (DCKD `paper` mode, specs/dckd_adpa.md §3.3; LLaVA-MoD mimic KL).
+
+    Shapes: `student_logits`, `teacher_logits` `[B, T, V]` (row t predicts response token t; a padded teacher
+    head must be sliced to the student's V by the caller), `mask` `[B, T]`. Per-token divergence as in
+    `token_divergence`, chunked by `chunked_token_map`, reduced by `masked_mean(…, reduction)` (default: token mean
+    pooled over the batch). Gradient flows to `student_logits` only if the teacher does not require grad.
+    """
+    check_logits(student_logits, teacher_logits, mask, "teacher_logits")
+    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(f"unknown divergence {divergence!r}; expected forward_kl, reverse_kl or jsd")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must lie in [0, 1], found {beta}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, found {temperature}")
+
+    def per_token(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return token_divergence(student, teacher, divergence, beta, temperature)
+
+    values = chunked_token_map(per_token, student_logits, teacher_logits, mask=mask, chunk_size=chunk_size)
+    return masked_mean(values, mask.bool(), reduction)
