@@ -19,9 +19,7 @@ import torch
 ListReduction = Literal["mean", "sum", "none"]
 
 
-def _check_inputs(
-    seq_logps: torch.Tensor, lengths: torch.Tensor, ranking: torch.Tensor, valid: torch.Tensor
-) -> None:
+def _check_inputs(seq_logps: torch.Tensor, lengths: torch.Tensor, ranking: torch.Tensor, valid: torch.Tensor) -> None:
     shapes = {"seq_logps": seq_logps.shape, "lengths": lengths.shape, "ranking": ranking.shape, "valid": valid.shape}
     if len(set(shapes.values())) != 1 or seq_logps.dim() != 2:
         found = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
