@@ -12,8 +12,9 @@ def test_tokenizer_round_trips_and_has_chatml(tiny_tokenizer):
     text = "reverse: c a d b\nsure, b d a c"
     assert tiny_tokenizer.decode(tiny_tokenizer(text)["input_ids"]) == text
     assert tiny_tokenizer.eos_token == "<|im_end|>" and tiny_tokenizer.pad_token == "<|endoftext|>"
-    chat = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "sort: b a"}], tokenize=False,
-                                              add_generation_prompt=True)
+    chat = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "sort: b a"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nsort: b a<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -62,7 +63,9 @@ def test_evaluate_scores_a_model_that_answers_by_rule(tiny_tokenizer):
     class Oracle(torch.nn.Module):
         def generate_for(self, prompt_texts):
             rng = random.Random(0)
-            return [task.respond(p, polite=i % 4 != 0, correct=i % 2 == 0, rng=rng) for i, p in enumerate(prompt_texts)]
+            return [
+                task.respond(p, polite=i % 4 != 0, correct=i % 2 == 0, rng=rng) for i, p in enumerate(prompt_texts)
+            ]
 
     oracle = Oracle()
     original = synthetic.evaluate.__globals__["generate_responses"]

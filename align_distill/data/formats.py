@@ -39,6 +39,13 @@ FORMATS: dict[str, FormatSchema] = {
         response_columns=("chosen", "rejected"),
         description="prompt, chosen, rejected (conversational rows may omit prompt: it is the shared leading turns)",
     ),
+    "completion": FormatSchema(
+        name="completion",
+        required=("prompt", "completion"),
+        text_columns=("prompt", "completion"),
+        response_columns=("completion",),
+        description="prompt, completion (TRL's prompt-completion format: SFT data, teacher samples, rollouts)",
+    ),
     "prompt": FormatSchema(
         name="prompt",
         required=("prompt",),

@@ -1,4 +1,4 @@
-"""Validation and normalisation of rows in the `preference`, `prompt` and `ranking` formats.
+"""Validation and normalisation of rows in the `preference`, `completion`, `prompt` and `ranking` formats.
 
 Every problem in every row is collected (nothing stops at the first), so one run tells the user all that is wrong.
 Rows that pass are normalised: an implicit prompt is split off, `ranking` is derived from `scores` when absent,
@@ -182,7 +182,20 @@ def _check_row(check: _RowCheck, schema: FormatSchema, record: dict[str, Any]) -
         if prompt is not None:
             _check_text(check, "prompt", prompt, ends_with_assistant=False)
         return dict(record)
+    if schema.name == "completion":
+        return _check_completion(check, record)
     return _check_ranking(check, record)
+
+
+def _check_completion(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any] | None:
+    prompt, completion = check.value(record, "prompt"), check.value(record, "completion")
+    if prompt is not None:
+        _check_text(check, "prompt", prompt, ends_with_assistant=False)
+    if completion is not None:
+        _check_text(check, "completion", completion, ends_with_assistant=True)
+    if prompt is not None and completion is not None:
+        _check_same_form(check, record, ("prompt", "completion"))
+    return dict(record)
 
 
 def _check_preference(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any] | None:

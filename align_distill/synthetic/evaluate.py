@@ -39,7 +39,9 @@ def generate_responses(
         for start in range(0, len(prompt_texts), batch_size):
             chunk = prompt_texts[start : start + batch_size]
             texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
                 for p in chunk
             ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

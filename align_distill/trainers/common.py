@@ -1,0 +1,71 @@
+"""What every distillation trainer shares: response-aligned views of logits, per-row signals scattered onto the
+batch, and frozen teachers prepared for the accelerator (ZeRO-3 included) the way TRL prepares reference models.
+
+Position convention (every loss in `align_distill.losses`): a causal LM's logits at position i predict token i+1,
+so for `input_ids [B, L]` with `completion_mask [B, L]` (1 on response tokens) the aligned view is
+`logits[:, :-1]`, `labels = input_ids[:, 1:]`, `mask = completion_mask[:, 1:]`: position t predicts label t, and
+the mask counts exactly the response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def response_view(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(logits [B, L-1, V], labels [B, L-1], mask [B, L-1] bool)` aligned so that position t predicts label t."""
+    if logits.shape[:2] != input_ids.shape or completion_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)} and completion_mask "
+            f"{tuple(completion_mask.shape)} must agree on [B, L]"
+        )
+    return logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:].bool()
+
+
+def scatter_rows(mask: torch.Tensor, rows: Sequence[torch.Tensor], fill: float | int = 0) -> torch.Tensor:
+    """Place per-row response values (`rows[b]` is `[n_b, ...]`, n_b = mask[b].sum()) onto a `[B, T, ...]` tensor.
+
+    Used to put cached teacher signals (top-k ids / log-probs per response token) where the student's aligned
+    logits are. A count mismatch means the cache and the batch disagree on the response tokens: an error.
+    """
+    if len(rows) != mask.shape[0]:
+        raise ValueError(f"{len(rows)} rows of signals for a batch of {mask.shape[0]}")
+    trailing = tuple(rows[0].shape[1:]) if rows else ()
+    out = torch.full(
+        (*mask.shape, *trailing), fill, dtype=rows[0].dtype if rows else torch.float32, device=mask.device
+    )
+    for b, row in enumerate(rows):
+        n = int(mask[b].sum())
+        if row.shape[0] != n:
+            raise ValueError(f"batch row {b}: signals cover {row.shape[0]} response tokens, the batch has {n}")
+        out[b][mask[b]] = row.to(out.device, out.dtype)
+    return out
+
+
+def gather_rows(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of `scatter_rows`: the response positions of each row, `[n_b, ...]`."""
+    return [values[b][mask[b]] for b in range(mask.shape[0])]
+
+
+def prepare_frozen(model: torch.nn.Module, accelerator: Any, is_deepspeed: bool) -> torch.nn.Module:
+    """Put a frozen teacher/reference on the trainer's devices: under DeepSpeed it becomes an inference engine
+    (sharded under ZeRO-3, like TRL's reference model); otherwise an eval-mode model on the accelerator's device."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if is_deepspeed:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    return accelerator.prepare_model(model, evaluation_mode=True)
+
+
+@torch.no_grad()
+def frozen_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of a frozen model (no graph kept)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
