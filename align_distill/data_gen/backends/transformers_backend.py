@@ -1,0 +1,312 @@
+"""The transformers backend: `model.generate` and one forward pass per scoring batch — the CPU default, and the
+reference the other backends are checked against.
+
+Sampling with per-prompt seeds inside one batch: `generate` runs in greedy mode and a logits processor adds, per
+sequence, exponential-race noise drawn from that sequence's own `torch.Generator` (argmax(log p − log E),
+E ~ Exp(1), samples from p). Temperature, top-k and top-p are applied first with transformers' own warpers. So a
+prompt's samples depend on its seed only, not on which prompts share its batch — which is what lets a resumed job
+reproduce an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
+from align_distill.data_gen.tokens import encode_prompt
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a prompt whose seed is `seed` (independent streams per sample)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class ExponentialRaceSampler(LogitsProcessor):
+    """Turns greedy decoding into sampling, each row with its own generator (see the module docstring)."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        noise = torch.stack(
+            [torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g) for g in self.generators]
+        )
+        return torch.log_softmax(scores.float(), dim=-1) - noise.log()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}") from None
+
+
+class TransformersGenerator(Generator):
+    """A causal LM loaded with transformers.
+
+    Args:
+        model: a local folder / hub id, or an already loaded model (not freed by `close`).
+        tokenizer: folder / id or tokenizer object; defaults to the model's.
+        dtype: "auto" (bf16/fp16 on GPU, fp32 on CPU), "float32", "bfloat16" or "float16".
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        batch_size: sequences per `generate` call / per scoring forward pass.
+        max_batch_tokens: cap on (rows × padded length) per scoring forward pass, bounding activation memory.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | PreTrainedModel,
+        tokenizer: str | Path | Any | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 16,
+        max_batch_tokens: int = 32768,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ):
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self._owns_model = not isinstance(model, PreTrainedModel)
+        if isinstance(model, PreTrainedModel):
+            self.model = model
+        else:
+            target = _resolve_device(device)
+            kwargs: dict[str, Any] = {"dtype": _resolve_dtype(dtype, target), "revision": revision}
+            if attn_implementation:
+                kwargs["attn_implementation"] = attn_implementation
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(model), trust_remote_code=trust_remote_code, **kwargs
+            )
+            self.model.to(target)
+        self.model.eval()
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            source = str(tokenizer) if tokenizer is not None else self.model.name_or_path
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        self.eos_ids = sorted({*eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+        self.vocab_size: int = self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[Prompt], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[list[Completion]]:
+        """`params.n` completions per prompt. `seeds[i]` (default: `sample_seed(params.seed, i)`) fixes prompt i's
+        samples independently of the batch it is in; greedy decoding ignores seeds."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        encoded = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]
+        jobs = [
+            (i, j, sample_seed(seeds[i] if seeds is not None else sample_seed(params.seed, i), j))
+            for i in range(len(prompts))
+            for j in range(params.n)
+        ]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start : start + self.batch_size]
+            outputs = self._generate_batch([encoded[i] for i, _, _ in chunk], params, [s for _, _, s in chunk])
+            for (i, _, _), completion in zip(chunk, outputs):
+                results[i].append(completion)
+        return results
+
+    def _generate_batch(
+        self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
+    ) -> list[Completion]:
+        length = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompt_ids), length), dtype=torch.long)
+        for row, ids in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
+            if not ids:
+                raise ValueError(f"prompt {row} of the batch encodes to no tokens")
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            attention[row, length - len(ids) :] = 1
+        processors = LogitsProcessorList()
+        if not params.greedy:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1:
+                processors.append(TopPLogitsWarper(params.top_p))
+            generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+            processors.append(ExponentialRaceSampler(generators))
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.eos_ids or None,
+            pad_token_id=self.pad_id,
+            stop_strings=list(params.stop) or None,
+        )
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=config,
+            logits_processor=processors,
+            tokenizer=self.tokenizer if params.stop else None,
+        )
+        return [self._completion(row[length:].tolist(), params) for row in output.cpu()]
+
+    def _completion(self, ids: list[int], params: SamplingParams) -> Completion:
+        """Cut a generated row after its EOS or after the token that completes a stop string (later tokens are
+        padding); the text leaves out special tokens and the stop string."""
+        end, reason = len(ids), "length"
+        eos = set(self.eos_ids)
+        for t, token in enumerate(ids):
+            if token in eos:
+                end, reason = t + 1, "stop"
+                break
+        if params.stop:
+            stop_end = self._stop_end(ids[:end], params.stop)
+            if stop_end is not None:
+                end, reason = stop_end, "stop"
+        ids = ids[:end]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if params.stop:
+            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+            text = text[:cut] if cut >= 0 else text
+        return Completion(text=text, token_ids=ids, finish_reason=reason)
+
+    def _stop_end(self, ids: list[int], stops: tuple[str, ...]) -> int | None:
+        """Smallest t such that the first t ids decode to text containing a stop string (binary search)."""
+
+        def has_stop(t: int) -> bool:
+            text = self.tokenizer.decode(ids[:t], skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        if not has_stop(len(ids)):
+            return None
+        low, high = 1, len(ids)
+        while low < high:
+            middle = (low + high) // 2
+            if has_stop(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        top_k: int,
+        gather_ids: list[list[list[int]]] | None = None,
+    ) -> list[TokenScores]:
+        """Per response token: its log-prob, the top-k (or `gather_ids`) ids and log-probs, and the log of the rest
+        mass, all at temperature 1 in float32, from one forward pass over prompt + response."""
+        if len(prompt_ids) != len(response_ids) or (gather_ids is not None and len(gather_ids) != len(prompt_ids)):
+            raise ValueError("prompt_ids, response_ids (and gather_ids) must have one entry per row")
+        if gather_ids is None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+            if not prompt:
+                raise ValueError(f"row {row}: empty prompt ids; the first response token needs a context")
+            if gather_ids is not None and len(gather_ids[row]) != len(response):
+                raise ValueError(f"row {row}: {len(gather_ids[row])} gather rows for {len(response)} response tokens")
+        results: list[TokenScores | None] = [None] * len(prompt_ids)
+        order = sorted(range(len(prompt_ids)), key=lambda r: -(len(prompt_ids[r]) + len(response_ids[r])))
+        batch: list[int] = []
+        for row in order:  # longest first: a batch's padded width is its first row's length
+            if batch:
+                width = len(prompt_ids[batch[0]]) + len(response_ids[batch[0]])
+                if len(batch) == self.batch_size or width * (len(batch) + 1) > self.max_batch_tokens:
+                    self._score_batch(batch, prompt_ids, response_ids, top_k, gather_ids, results)
+                    batch = []
+            batch.append(row)
+        if batch:
+            self._score_batch(batch, prompt_ids, response_ids, top_k, gather_ids, results)
+        return results  # type: ignore[return-value]
+
+    def _score_batch(
+        self,
+        rows: list[int],
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        top_k: int,
+        gather_ids: list[list[list[int]]] | None,
+        results: list[TokenScores | None],
+    ) -> None:
+        sequences = [prompt_ids[r] + response_ids[r] for r in rows]
+        length = max(len(s) for s in sequences)
+        longest_response = max(len(response_ids[r]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, sequence in enumerate(sequences):  # left padding: all responses end at the last position
+            input_ids[i, length - len(sequence) :] = torch.tensor(sequence)
+            attention[i, length - len(sequence) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        if longest_response == 0:
+            for r in rows:
+                results[r] = TokenScores([], [], [], [])
+            return
+        # Only the last R+1 positions' logits are needed: position p predicts token p+1.
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            position_ids=positions.to(self.device),
+            logits_to_keep=longest_response + 1,
+            use_cache=False,
+        ).logits[:, :-1]
+        for i, r in enumerate(rows):
+            size = len(response_ids[r])
+            if size == 0:
+                results[r] = TokenScores([], [], [], [])
+                continue
+            logprobs = torch.log_softmax(logits[i, longest_response - size :].float(), dim=-1)  # [T, V]
+            targets = torch.tensor(response_ids[r], device=logprobs.device)
+            token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
+            if gather_ids is not None:
+                ids = torch.tensor(gather_ids[r], dtype=torch.long, device=logprobs.device).reshape(size, -1)
+                values = logprobs.gather(-1, ids)
+            else:
+                values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+            rest = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)  # log of the mass outside `ids`
+            results[r] = TokenScores(
+                token_logprobs=token_logprobs.tolist(),
+                topk_ids=ids.tolist(),
+                topk_logprobs=values.tolist(),
+                rest_logmass=rest.tolist(),
+            )
+
+    def close(self) -> None:
+        if self._owns_model:
+            del self.model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
