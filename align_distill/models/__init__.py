@@ -1,5 +1,6 @@
 """Loading students, teachers and references; tokenizer/vocabulary checks; layer-dropped students; GGUF import."""
 
+from align_distill.models.gguf_import import import_gguf, import_gguf_command
 from align_distill.models.loading import (
     LoraSettings,
     SafetensorsRequiredError,
@@ -24,6 +25,8 @@ __all__ = [
     "check_model_vocab",
     "check_tokenizer_compatibility",
     "freeze",
+    "import_gguf",
+    "import_gguf_command",
     "load_model",
     "load_tokenizer",
     "parse_layer_spec",
