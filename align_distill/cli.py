@@ -43,7 +43,9 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from align_distill.quickstart import run_quickstart
 
-    run_quickstart(run_dir=args.run_dir, methods=args.methods, seed=args.seed, from_stage=args.from_stage)
+    run_quickstart(
+        run_dir=args.run_dir, methods=args.methods, seed=args.seed, from_stage=args.from_stage, smoke=args.smoke
+    )
     return 0
 
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run (default: all available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and every later one")
+    p.add_argument("--smoke", action="store_true", help="toy sizes (2 steps per stage): checks the wiring in ~1 min")
     p.set_defaults(handler=_quickstart)
 
     p = sub.add_parser("data", help="dataset tools")

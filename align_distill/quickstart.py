@@ -76,7 +76,12 @@ def base_stages(seed: int) -> list[Stage]:
     """Teacher preparation (SFT → DPO, reverse DPO) and the student SFT baseline."""
     return [
         Stage("models", "call", "align_distill.quickstart:build_models", {"seed": seed}),
-        Stage("data", "call", "align_distill.quickstart:write_data", {"seed": seed}),
+        Stage(
+            "data",
+            "call",
+            "align_distill.quickstart:write_data",
+            {"seed": seed, "n_sft": 4000, "n_pairs": 1000, "n_prompts": 256},
+        ),
         _train(
             "teacher_sft",
             "sft",
@@ -152,7 +157,20 @@ BASE_MODELS = [
 ]
 
 
-def build_pipeline(run_dir: str | Path, methods: list[str] | None = None, seed: int = 0) -> Pipeline:
+SMOKE_OVERRIDES = {"max_steps": 2, "n_sft": 64, "n_pairs": 32, "n_prompts": 16, "n": 8}
+
+
+def _smoke(stage: Stage) -> Stage:
+    """The same stage at toy size: every size-like key present in its config is replaced (tests, CI)."""
+    config = {k: SMOKE_OVERRIDES.get(k, v) for k, v in stage.config.items()}
+    if stage.kind == "train":
+        config["max_steps"] = SMOKE_OVERRIDES["max_steps"]
+    return Stage(stage.name, stage.kind, stage.target, config)
+
+
+def build_pipeline(
+    run_dir: str | Path, methods: list[str] | None = None, seed: int = 0, smoke: bool = False
+) -> Pipeline:
     chosen = list(METHOD_STAGES) if methods is None else methods
     unknown = [m for m in chosen if m not in METHOD_STAGES]
     if unknown:
@@ -163,8 +181,8 @@ def build_pipeline(run_dir: str | Path, methods: list[str] | None = None, seed: 
         method_stages = METHOD_STAGES[method](seed)
         stages.extend(method_stages)
         models[f"student_{method}" if not method.startswith("student") else method] = f"${{{method_stages[-1].name}}}"
-    stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", {"models": models}))
-    return Pipeline(run_dir, stages)
+    stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", {"models": models, "n": 200}))
+    return Pipeline(run_dir, [_smoke(s) for s in stages] if smoke else stages)
 
 
 def run_quickstart(
@@ -172,11 +190,12 @@ def run_quickstart(
     methods: list[str] | None = None,
     seed: int = 0,
     from_stage: str | None = None,
+    smoke: bool = False,
 ) -> dict[str, dict]:
     import time
 
     started = time.time()
-    pipeline = build_pipeline(run_dir, methods=methods, seed=seed)
+    pipeline = build_pipeline(run_dir, methods=methods, seed=seed, smoke=smoke)
     pipeline.run(from_stage=from_stage)
     evaluate_dir = pipeline.stage_dir("evaluate")
     results = json.loads((evaluate_dir / "eval.json").read_text())
