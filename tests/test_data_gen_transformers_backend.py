@@ -117,8 +117,9 @@ def test_gather_mode_equals_direct_gather(teacher, tiny_models):
         ids = torch.tensor(o.topk_ids)
         assert g.topk_ids == o.topk_ids
         assert torch.allclose(torch.tensor(g.topk_logprobs), exact.gather(-1, ids), atol=1e-4)
-        assert torch.allclose(torch.tensor(g.rest_logmass), torch.log1p(-exact.gather(-1, ids).exp().sum(-1)),
-                              atol=1e-3)
+        assert torch.allclose(
+            torch.tensor(g.rest_logmass), torch.log1p(-exact.gather(-1, ids).exp().sum(-1)), atol=1e-3
+        )
 
 
 def test_score_rejects_inputs_it_cannot_score(teacher):

@@ -1,0 +1,92 @@
+"""The loop every job shares: open the store, skip committed inputs, process the rest shard by shard in input
+order, commit each shard, mark the part complete. A job only says how to turn a list of input rows into output
+rows."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from align_distill.data_gen.config import JobConfig
+from align_distill.data_gen.store import INPUT_INDEX, ShardedStore, part_range
+
+from .inputs import dataset_digest
+
+logger = logging.getLogger("align_distill.data_gen")
+
+Process = Callable[[list[int], list[dict[str, Any]]], list[dict[str, Any]]]
+"""(input positions, input rows) -> output rows, each with `input_index` set to its input's position."""
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """A row's sampling seed from the job seed and the row id (not its position), so samples survive resumption,
+    splitting into parts and reordering of the input."""
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def kept_types(inputs: datasets.Dataset, produced: set[str]) -> dict[str, pa.DataType]:
+    """Arrow types of the input columns a job passes through (all but those it produces, except id and prompt),
+    so they keep their types even in a shard where they hold only nulls."""
+    return {f.name: f.type for f in inputs.data.schema if f.name not in produced or f.name in ("id", "prompt")}
+
+
+def run_store_job(
+    kind: str,
+    config: JobConfig,
+    inputs: datasets.Dataset,
+    fingerprint: dict[str, Any],
+    process: Process,
+    *,
+    column_types: dict[str, pa.DataType] | None = None,
+    metadata: dict[str, Any] | None = None,
+    order_by: tuple[str, ...] = (INPUT_INDEX,),
+    count_tokens: Callable[[list[dict[str, Any]]], int] = lambda rows: 0,
+) -> Path:
+    """Run `process` over this part's pending inputs and commit the rows; returns the store folder."""
+    fingerprint = {
+        "job": kind,
+        **fingerprint,
+        "input": {"sha256": dataset_digest(inputs), "rows": len(inputs)},
+        "num_parts": config.num_parts,
+    }
+    owned = part_range(len(inputs), config.part, config.num_parts)
+    with ShardedStore(
+        config.output_dir,
+        fingerprint,
+        part=config.part,
+        num_parts=config.num_parts,
+        overwrite=config.overwrite,
+        metadata=metadata,
+        order_by=order_by,
+    ) as store:
+        store.set_num_inputs(len(owned))
+        pending = store.pending(owned)
+        if len(pending) < len(owned):
+            logger.info(
+                "%s: resuming %s: %d of %d inputs already done",
+                kind,
+                config.output_dir,
+                len(owned) - len(pending),
+                len(owned),
+            )
+        started, tokens = time.perf_counter(), 0
+        with tqdm(total=len(pending), desc=kind, unit="row", disable=not config.progress or not pending) as bar:
+            for start in range(0, len(pending), config.shard_size):
+                chunk = pending[start : start + config.shard_size]
+                rows = process(chunk, inputs.select(chunk).to_list())
+                store.append(rows, chunk, column_types)
+                tokens += count_tokens(rows)
+                bar.update(len(chunk))
+                if tokens:
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        store.finish()
+    return Path(config.output_dir)
