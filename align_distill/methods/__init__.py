@@ -13,6 +13,7 @@ from types import ModuleType
 METHODS: dict[str, str] = {
     "sft": "align_distill.methods.sft",
     "dpo": "align_distill.methods.dpo",
+    "cyclealign": "align_distill.methods.cyclealign",
 }
 
 
