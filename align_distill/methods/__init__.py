@@ -13,7 +13,9 @@ from types import ModuleType
 METHODS: dict[str, str] = {
     "sft": "align_distill.methods.sft",
     "dpo": "align_distill.methods.dpo",
+    "mod": "align_distill.methods.mod",
     "cyclealign": "align_distill.methods.cyclealign",
+    "aligndistil": "align_distill.methods.aligndistil",
 }
 
 

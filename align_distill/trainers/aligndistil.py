@@ -1,0 +1,513 @@
+"""AlignDistil (specs/aligndistil.md): distil a synthesized token-level teacher into the student.
+
+The teacher is built per token from two frozen models: the DPO model and the reverse-DPO model (trained on the
+same pairs with chosen and rejected swapped), z* = z_dpo + α_t·(z_dpo − z_rev) with α_t = r·TVD_t + ε. The student
+(initialised from the SFT model) minimises Σ_t β_t·KL(π_θ ‖ π*) with β_t = β0/α_t, over the full vocabulary.
+All of that math is `align_distill.losses.aligndistil_loss`; this trainer only feeds it:
+
+- **off-policy** (§5.2, Eq. 19): states are the dataset's *chosen* responses. Data handling is TRL's `SFTTrainer`
+  (prompt/completion tokenization with the chat template, right padding, `labels = -100` outside the response).
+- **on-policy** (§5.2, Eq. 18): states are fresh student samples. Each batch of prompts is rolled out through a
+  `data_gen` backend (`transformers` on CPU, `vllm` colocated) whose weights are copied from the student every
+  `rollout_sync_steps` optimizer steps (1 = fully on-policy, the official setting).
+
+Positions (§5.3): the loss at response token t uses the logits row that *predicts* y_t (textbook, rows
+P-1..P+|y|-2 for prompt length P; the same rows as `trainers.common.response_view`). `official_alignment=True`
+scores the rows whose *input* is a response token (P..P+|y|-1), the released code's shifted mask, for parity runs.
+Only the span of scored rows is projected through the LM heads (`logits_to_keep`), so prompt rows never become
+`[*, V]` logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from align_distill.losses import aligndistil_loss
+from align_distill.methods.common import default_precision
+from align_distill.trainers.common import prepare_frozen
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("adaptive", "contrastive", "theorem1")
+ROLLOUT_BACKENDS = ("transformers", "vllm")
+# Released scripts: `--beta2` (= tvd_scale) 10 off-policy, 15 on-policy (specs/aligndistil.md §6.2).
+DEFAULT_TVD_SCALE = {False: 10.0, True: 15.0}
+
+
+@dataclass
+class AlignDistilConfig(SFTConfig):
+    r"""Configuration of [`AlignDistilTrainer`]: TRL's `SFTConfig` plus the AlignDistil teacher, loss and rollouts.
+
+    Parameters:
+        > Parameters that control the models
+
+        dpo_model_path (`str`, *optional*):
+            The DPO model (π_dpo, trained from the SFT model with β0). The official code calls it `--teacher_model`.
+        rev_dpo_model_path (`str`, *optional*):
+            The reverse-DPO model (π⁻_dpo: DPO with chosen and rejected swapped, same β0). The official code calls
+            it `--ref_model`. For `variant="theorem1"` give the SFT reference model here instead.
+        teacher_dtype (`str`, defaults to `"auto"`):
+            dtype the two frozen models are loaded in when given as paths (`auto`, `float32`, `bfloat16`, ...).
+
+        > Parameters that control the loss (specs/aligndistil.md §4, §5, §8.1)
+
+        beta (`float`, defaults to `0.1`):
+            β0, the β the DPO and reverse-DPO models were trained with (must match them). β_t = beta/α_t.
+        tvd_scale (`float`, *optional*):
+            r in α_t = r·TVD_t + eps (the released scripts' `--beta2`). TVD is Σ_v|p_dpo − p_rev| ∈ [0, 2] (no ½);
+            in the paper's ½ convention the same α needs r_paper = 2·tvd_scale. Defaults to 10 off-policy and 15
+            on-policy, the released scripts' values.
+        eps (`float`, defaults to `1e-3`):
+            ε in α_t, the extrapolation floor where the two models agree.
+        tvd_half (`bool`, defaults to `False`):
+            Use the paper's ½·Σ|·| TVD instead of the code's Σ|·|.
+        variant (`str`, defaults to `"adaptive"`):
+            `adaptive` (released method), `contrastive` (fixed ratio: z* = z_dpo + ratio·(z_dpo − z_rev)) or
+            `theorem1` (z* = ratio·z_dpo + (1 − ratio)·z_ref, with the SFT model as the second model).
+        ratio (`float`, *optional*):
+            Fixed extrapolation ratio β0/β of the `contrastive` and `theorem1` variants (their KL weight is β).
+        official_alignment (`bool`, defaults to `False`):
+            Score the rows whose input is a response token (P..P+|y|-1, the official code's shifted mask) instead of
+            the rows that predict the response tokens (P-1..P+|y|-2). For parity runs only.
+        loss_chunk_size (`int`, *optional*):
+            Positions per chunk of the full-vocabulary loss; default about 16 MiB of float32 per intermediate.
+
+        > Parameters that control on-policy rollouts (specs/aligndistil.md §5.2)
+
+        on_policy (`bool`, defaults to `False`):
+            Train on student samples for each batch's prompts instead of the dataset's chosen responses.
+        rollout_backend (`str`, defaults to `"transformers"`):
+            `transformers` (a copy of the student in this process) or `vllm` (a colocated vLLM engine).
+        rollout_backend_kwargs (`dict`, *optional*):
+            Keyword arguments for the backend (`data_gen.make_generator`), e.g. `{"dtype": "float32",
+            "max_model_len": 256}` for vLLM, `{"batch_size": 64}` for transformers.
+        rollout_sync_steps (`int`, defaults to `1`):
+            Copy the student's weights into the rollout engine every this many optimizer steps (official: 1).
+        max_new_tokens (`int`, defaults to `1024`):
+            Longest sampled response (official `generate_max_len`).
+        temperature (`float`, defaults to `1.0`), top_p (`float`, defaults to `1.0`), top_k (`int`, defaults to `0`):
+            Sampling settings (official: temperature 1, top-p 1).
+
+    > [!NOTE]
+    > Defaults changed from `SFTConfig`, to the released AlignDistil scripts (specs/aligndistil.md §6.2):
+    > `learning_rate=1e-6`, `lr_scheduler_type="cosine_with_min_lr"` with `min_lr_rate=0.1`, `warmup_steps=0.1`
+    > (a ratio), `adam_beta2=0.95`, `max_length=2048`; and `bf16=None` means bf16 only on a CUDA device that
+    > supports it.
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs"]
+
+    # models
+    dpo_model_path: str | None = field(default=None, metadata={"help": "The DPO model (π_dpo)."})
+    rev_dpo_model_path: str | None = field(
+        default=None, metadata={"help": "The reverse-DPO model (π⁻_dpo); the SFT model for variant=theorem1."}
+    )
+    teacher_dtype: str = field(default="auto", metadata={"help": "dtype of the two frozen models."})
+    # loss
+    beta: float = field(default=0.1, metadata={"help": "β0 of the DPO models; β_t = beta/α_t."})
+    tvd_scale: float | None = field(
+        default=None, metadata={"help": "r in α_t = r·TVD_t + eps (no ½ in TVD). Default 10 off-, 15 on-policy."}
+    )
+    eps: float = field(default=1e-3, metadata={"help": "ε in α_t = r·TVD_t + ε."})
+    tvd_half: bool = field(default=False, metadata={"help": "Paper's ½·Σ|p_dpo − p_rev| TVD convention."})
+    variant: str = field(default="adaptive", metadata={"help": "Teacher synthesis.", "choices": list(VARIANTS)})
+    ratio: float | None = field(default=None, metadata={"help": "Fixed ratio β0/β of the constant variants."})
+    official_alignment: bool = field(
+        default=False, metadata={"help": "Score rows P..P+|y|-1 (official shifted mask) instead of P-1..P+|y|-2."}
+    )
+    loss_chunk_size: int | None = field(default=None, metadata={"help": "Positions per full-vocabulary chunk."})
+    # on-policy
+    on_policy: bool = field(default=False, metadata={"help": "Train on student rollouts instead of chosen responses."})
+    rollout_backend: str = field(
+        default="transformers", metadata={"help": "Rollout engine.", "choices": list(ROLLOUT_BACKENDS)}
+    )
+    rollout_backend_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the rollout backend (JSON on the command line)."}
+    )
+    rollout_sync_steps: int = field(
+        default=1, metadata={"help": "Copy student weights into the rollout engine every N optimizer steps."}
+    )
+    max_new_tokens: int = field(default=1024, metadata={"help": "Longest sampled response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of rollouts (0 = off)."})
+    # changed defaults (released scripts)
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (released scripts: 1e-6)."})
+    lr_scheduler_type: str = field(
+        default="cosine_with_min_lr", metadata={"help": "Scheduler (released: cosine to 0.1·lr)."}
+    )
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a ratio of all steps if < 1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam β2 (released scripts: 0.95)."})
+    max_length: int | None = field(default=2048, metadata={"help": "Longest prompt + response (released: 2048)."})
+
+    def __post_init__(self) -> None:
+        default_precision(self)
+        if self.tvd_scale is None:
+            self.tvd_scale = DEFAULT_TVD_SCALE[bool(self.on_policy)]
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+        super().__post_init__()
+        problems = []
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {VARIANTS}, found {self.variant!r}")
+        elif self.variant != "adaptive" and self.ratio is None:
+            problems.append(f"variant {self.variant!r} needs a fixed `ratio` (β0/β), found None")
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            problems.append(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, found {self.rollout_backend!r}")
+        if self.rollout_sync_steps < 1:
+            problems.append(f"rollout_sync_steps must be >= 1, found {self.rollout_sync_steps}")
+        if self.beta <= 0 or self.eps <= 0:
+            problems.append(f"beta and eps must be > 0, found beta={self.beta}, eps={self.eps}")
+        if problems:
+            raise ValueError("AlignDistilConfig: " + "; ".join(problems))
+
+
+def scored_rows(completion_mask: torch.Tensor, official_alignment: bool = False) -> torch.Tensor:
+    """`[B, L]` bool: which logits rows the loss scores, given the `[B, L]` response-token mask.
+
+    Textbook (default): row i is scored when token i+1 is a response token, i.e. the row predicts it — the mask of
+    `trainers.common.response_view`, padded with a False last column. Official: the response tokens' own rows.
+    """
+    completion_mask = completion_mask.bool()
+    if official_alignment:
+        return completion_mask
+    rows = torch.zeros_like(completion_mask)
+    rows[:, :-1] = completion_mask[:, 1:]
+    return rows
+
+
+def kept_positions(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of the smallest column span holding every scored row (`logits_to_keep` for the forwards)."""
+    columns = rows.any(0).nonzero().flatten()
+    if columns.numel() == 0:  # nothing to score: keep one row so the forward still has a graph
+        return torch.zeros(1, dtype=torch.long, device=rows.device)
+    return torch.arange(int(columns[0]), int(columns[-1]) + 1, device=rows.device)
+
+
+# ---- rollout engine weights ---------------------------------------------------------------------------------------
+
+
+def _gathered(params: list[torch.nn.Parameter], zero3: bool):
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's full weights as `(name, tensor)` under the names of the plain (non-PEFT) model.
+
+    ZeRO-3 parameters are gathered one at a time (all ranks must iterate: gathering is collective). A LoRA student
+    is merged for the duration (gathered at once, as merging needs every shard) and unmerged afterwards.
+    """
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        with _gathered(list(model.parameters()), zero3):
+            model.merge_adapter()
+            try:
+                for name, param in model.named_parameters():
+                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                    if model.prefix in name or "original_module" in name:
+                        continue  # adapter weights (merged already) / the copy a modules_to_save replaces
+                    yield name.replace("modules_to_save.default.", ""), param.data
+            finally:
+                model.unmerge_adapter()
+        return
+    for name, param in model.named_parameters():
+        with _gathered([param], zero3):
+            yield name, param.data
+
+
+def _load_weights_on_vllm_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside a vLLM worker process (`LLM.collective_rpc`): load weights into its model."""
+    worker.get_model().load_weights(weights)
+    return len(weights)
+
+
+def load_generator_weights(generator: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> int:
+    """Copy `(name, tensor)` weights into a rollout engine; returns how many tensors were loaded.
+
+    - transformers backend: copied in place into the generator's own model (names must match).
+    - vLLM backend: `model.load_weights` in the engine — directly when the engine runs in this process (TRL's
+      colocate path), else through `collective_rpc` (needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which the
+      trainer sets before starting the engine). Prefix caches are reset so no stale KV survives.
+    """
+    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+
+    if isinstance(generator, TransformersGenerator):
+        target = dict(generator.model.named_parameters())
+        count = 0
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name not in target:
+                    raise KeyError(f"rollout model has no parameter {name!r} (student and rollout model differ)")
+                target[name].copy_(tensor.to(target[name].device, target[name].dtype))
+                count += 1
+        return count
+    llm = getattr(generator, "llm", None)
+    if llm is None:
+        raise TypeError(f"cannot load student weights into {type(generator).__name__}: not a local engine")
+    batch = [(name, tensor.detach().cpu()) for name, tensor in weights]
+    driver = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
+    if driver is not None:
+        driver.model_runner.model.load_weights(batch)
+    else:
+        llm.collective_rpc(_load_weights_on_vllm_worker, args=(batch,))
+    llm.reset_prefix_cache()
+    return len(batch)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def as_prompt_completion(dataset: Any) -> Any:
+    """Off-policy states: a preference dataset's chosen responses as TRL prompt/completion rows."""
+    columns = dataset.column_names
+    if "completion" in columns:
+        return dataset.select_columns(["prompt", "completion"])
+    if "chosen" not in columns:
+        raise ValueError(f"off-policy AlignDistil needs prompt + chosen (or completion) columns, found {columns}")
+    return dataset.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+
+
+def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """On-policy batches are prompts only; the trainer turns them into rollouts."""
+    return {"prompts": [example["prompt"] for example in examples]}
+
+
+# ---- trainer ------------------------------------------------------------------------------------------------------
+
+
+class AlignDistilTrainer(SFTTrainer):
+    """TRL `SFTTrainer` whose loss is AlignDistil's; see the module docstring.
+
+    Args:
+        model: the student (a path or a model), initialised from the SFT model.
+        dpo_model, rev_dpo_model: the frozen DPO and reverse-DPO models (paths or models); default to
+            `args.dpo_model_path` / `args.rev_dpo_model_path`. For `variant="theorem1"` the second is the SFT model.
+        train_dataset: preference rows (prompt, chosen[, rejected]) or prompt/completion rows; on-policy only reads
+            `prompt`.
+        generator: an existing rollout `Generator` (on-policy); by default one is built on the first rollout.
+    """
+
+    _tag_names = ["trl", "align-distill", "aligndistil"]
+    _name = "AlignDistil"
+    loss_is_scaled_for_ga = False  # the loss is a per-batch mean: the Trainer divides it by accumulation steps
+
+    def __init__(
+        self,
+        model: Any,
+        dpo_model: Any = None,
+        rev_dpo_model: Any = None,
+        args: AlignDistilConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: list | None = None,
+        generator: Any = None,
+    ):
+        if args is None:
+            raise ValueError("AlignDistilTrainer needs an AlignDistilConfig (args)")
+        dpo_model = dpo_model if dpo_model is not None else args.dpo_model_path
+        rev_dpo_model = rev_dpo_model if rev_dpo_model is not None else args.rev_dpo_model_path
+        if dpo_model is None or rev_dpo_model is None:
+            raise ValueError(
+                "AlignDistil needs the DPO model and the reverse-DPO model: set dpo_model_path and "
+                f"rev_dpo_model_path (found {args.dpo_model_path!r}, {args.rev_dpo_model_path!r})"
+            )
+        data_collator = None
+        if args.on_policy:
+            train_dataset = train_dataset.select_columns(["prompt"])
+            eval_dataset = eval_dataset.select_columns(["prompt"]) if eval_dataset is not None else None
+            args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+            data_collator = collate_prompts
+        else:
+            train_dataset = as_prompt_completion(train_dataset)
+            eval_dataset = as_prompt_completion(eval_dataset) if eval_dataset is not None else None
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        from align_distill.models import check_model_vocab, shared_vocab_size
+
+        self.vocab_size = shared_vocab_size(self._tokenizer)
+        check_model_vocab(self.accelerator.unwrap_model(self.model), self._tokenizer, "student")
+        self.dpo_model = self._frozen(dpo_model, "DPO model")
+        self.rev_dpo_model = self._frozen(rev_dpo_model, "reverse-DPO model")
+        self.generator = generator
+        self._owns_generator = generator is None
+        self._synced_step: int | None = None
+        self._rollouts = 0
+
+    def _frozen(self, model: Any, name: str) -> torch.nn.Module:
+        from align_distill.models import check_model_vocab, load_model
+
+        if isinstance(model, str):
+            model = load_model(
+                model, dtype=self.args.teacher_dtype, trust_remote_code=self.args.trust_remote_code, frozen=True
+            )
+        check_model_vocab(model, self._tokenizer, name)
+        return prepare_frozen(model, self.accelerator, self.is_deepspeed_enabled)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None and self.args.on_policy:
+            self._signature_columns = ["prompt"]
+        super()._set_signature_columns_if_needed()
+
+    # -- rollouts ---------------------------------------------------------------------------------------------------
+    @property
+    def _zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+    def _build_generator(self) -> Any:
+        from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+
+        student = self.accelerator.unwrap_model(self.model)
+        base = student.get_base_model() if hasattr(student, "get_base_model") else student
+        kwargs = dict(self.args.rollout_backend_kwargs or {})
+        if self.args.rollout_backend == "transformers":
+            # Its own copy of the student (weights arrive through `sync_rollout_weights`), so that rollouts see
+            # exactly the weights of the last sync, as with a vLLM engine.
+            from transformers import AutoModelForCausalLM
+
+            dtype = kwargs.pop("dtype", None)
+            copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype or base.dtype)
+            copy.generation_config = base.generation_config
+            copy.to(self.accelerator.device)
+            return TransformersGenerator(model=copy, tokenizer=self._tokenizer, **kwargs)
+        import os
+
+        from align_distill.data_gen.backends import make_generator
+
+        # Weights are pushed into the engine process by `collective_rpc` with a function (pickled by reference).
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        return make_generator("vllm", model=base.name_or_path, tokenizer=self._tokenizer, **kwargs)
+
+    def sync_rollout_weights(self) -> int:
+        """Copy the student's current weights into the rollout engine (every process takes part under ZeRO-3)."""
+        student = self.accelerator.unwrap_model(self.model)
+        count = load_generator_weights(self.generator, student_weights(student, self._zero3))
+        self._synced_step = self.state.global_step
+        return count
+
+    def _maybe_sync(self) -> None:
+        if self.generator is None:
+            self.generator = self._build_generator()
+        step = self.state.global_step
+        if self._synced_step is None or step - self._synced_step >= self.args.rollout_sync_steps:
+            self.sync_rollout_weights()
+
+    def rollout(self, prompts: list[Any]) -> dict[str, torch.Tensor]:
+        """Sample one response per prompt from the rollout engine; return the right-padded training batch."""
+        from align_distill.data_gen.backends import SamplingParams, generate_with_seeds
+        from align_distill.data_gen.tokens import encode_prompt
+
+        self._maybe_sync()
+        args = self.args
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
+        )
+        base_seed = (args.seed * 1_000_003 + self._rollouts) * 1_009 + self.accelerator.process_index
+        seeds = [base_seed * 65_537 + i for i in range(len(prompts))]
+        self._rollouts += 1
+        completions = generate_with_seeds(self.generator, prompts, params, seeds)
+        sequences, responses = [], []
+        for prompt, samples in zip(prompts, completions):
+            prompt_ids, response_ids = encode_prompt(self._tokenizer, prompt), list(samples[0].token_ids)
+            sequences.append((prompt_ids, response_ids))
+            responses.append(len(response_ids))
+        length = max(len(p) + len(r) for p, r in sequences)
+        pad = self._tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        completion_mask = torch.zeros_like(input_ids)
+        for row, (prompt_ids, response_ids) in enumerate(sequences):
+            ids = prompt_ids + response_ids
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            completion_mask[row, len(prompt_ids) : len(ids)] = 1
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rollout/response_length"].append(sum(responses) / len(responses))
+        device = self.accelerator.device
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "completion_mask": completion_mask.to(device),
+        }
+
+    # -- loss -------------------------------------------------------------------------------------------------------
+    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+        )
+        return out.logits[..., : self.vocab_size]  # a padded head's extra rows are no tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = self.rollout(inputs["prompts"]) if "prompts" in inputs else inputs
+        if "completion_mask" in batch:
+            completion_mask = batch["completion_mask"].bool()
+        else:  # SFT tokenization: labels are -100 on prompt and padding
+            completion_mask = batch["labels"] != -100
+        completion_mask = completion_mask & batch["attention_mask"].bool()
+        rows = scored_rows(completion_mask, self.args.official_alignment)
+        keep = kept_positions(rows)
+        student_logits = self._logits(model, batch, keep)
+        with torch.no_grad():
+            dpo_logits = self._logits(self.dpo_model, batch, keep)
+            second_logits = self._logits(self.rev_dpo_model, batch, keep)
+        theorem1 = self.args.variant == "theorem1"
+        loss, stats = aligndistil_loss(
+            student_logits,
+            dpo_logits,
+            None if theorem1 else second_logits,
+            rows[:, keep],
+            beta0=self.args.beta,
+            tvd_scale=self.args.tvd_scale,
+            eps=self.args.eps,
+            tvd_half=self.args.tvd_half,
+            variant=self.args.variant,
+            ratio=self.args.ratio,
+            ref_logits=second_logits if theorem1 else None,
+            chunk_size=self.args.loss_chunk_size,
+            return_stats=True,
+        )
+        mode = "train" if self.model.training else "eval"
+        for key, value in stats.items():
+            self._metrics[mode][f"aligndistil/{key}"].append(self.accelerator.gather_for_metrics(value).mean().item())
+        tokens = self.accelerator.gather_for_metrics(rows.sum()).sum().item()
+        self._metrics[mode]["num_scored_tokens"].append(float(tokens))
+        if return_outputs:
+            return loss, {"logits": student_logits}
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.generator is not None and self._owns_generator:
+                self.generator.close()
+                self.generator = None
+                self._synced_step = None

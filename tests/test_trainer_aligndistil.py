@@ -1,0 +1,256 @@
+"""AlignDistilTrainer on tiny models: rows scored, loss = `aligndistil_loss` by hand, off-/on-policy training,
+rollout weight sync, the `aligndistil` method through the parser, and its quickstart stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from align_distill import synthetic
+from align_distill.losses import aligndistil_loss
+from align_distill.trainers.aligndistil import AlignDistilConfig, AlignDistilTrainer, kept_positions, scored_rows
+from align_distill.trainers.common import response_view
+
+
+@pytest.fixture(scope="module")
+def teacher_pair(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Stand-ins for the DPO and reverse-DPO models: the tiny teacher with two different weight perturbations,
+    so that their distributions differ (TVD ≈ 0.25, α well inside its bounds) without any training."""
+    from align_distill.models import load_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("teacher_pair")
+    tokenizer = load_tokenizer(tiny_models["teacher"])
+    paths = {}
+    for name, seed in (("dpo", 1), ("rev", 2)):
+        model = load_model(tiny_models["teacher"], dtype="float32")
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "layers" in param_name and param.dim() == 2:
+                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pairs() -> Dataset:
+    return Dataset.from_list(synthetic.preference_rows(16, seed=1))
+
+
+def _config(tmp_path, **overrides) -> AlignDistilConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        max_length=64,
+        dataloader_pin_memory=False,
+        max_new_tokens=8,
+    )
+    return AlignDistilConfig(**{**settings, **overrides})
+
+
+def _trainer(tiny_models, teacher_pair, pairs, tmp_path, **overrides) -> AlignDistilTrainer:
+    from align_distill.models import load_model, load_tokenizer
+
+    return AlignDistilTrainer(
+        model=load_model(tiny_models["student"], dtype="float32"),
+        dpo_model=str(teacher_pair["dpo"]),
+        rev_dpo_model=str(teacher_pair["rev"]),
+        args=_config(tmp_path, **overrides),
+        train_dataset=pairs,
+        processing_class=load_tokenizer(tiny_models["student"]),
+    )
+
+
+def _hand_loss(trainer: AlignDistilTrainer, batch: dict, official: bool) -> torch.Tensor:
+    """Full logits of the same three models, rows chosen by hand, `aligndistil_loss` called directly."""
+    completion = batch["completion_mask"] if "completion_mask" in batch else batch["labels"] != -100
+    completion = completion.bool() & batch["attention_mask"].bool()
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    logits = [
+        model(input_ids=ids, attention_mask=attention).logits
+        for model in (trainer.model, trainer.dpo_model, trainer.rev_dpo_model)
+    ]
+    args = trainer.args
+    if official:  # the rows whose input token is a response token (specs/aligndistil.md §5.3)
+        student, dpo, rev, mask = *logits, completion
+    else:  # the rows that predict the response tokens: response_view's convention
+        student, _, mask = response_view(logits[0], ids, completion.long())
+        dpo, rev = logits[1][:, :-1], logits[2][:, :-1]
+    return aligndistil_loss(student, dpo, rev, mask, beta0=args.beta, tvd_scale=args.tvd_scale, eps=args.eps)
+
+
+def _first_batch(trainer: AlignDistilTrainer) -> dict:
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+# ---- fast unit tests ------------------------------------------------------------------------------------------------
+
+
+def test_scored_rows_textbook_and_official_positions():
+    # prompt length P = 3, response length 2, then padding: the spec's alignment check (§8.2, last bullet)
+    completion = torch.tensor([[0, 0, 0, 1, 1, 0, 0]])
+    textbook = scored_rows(completion)
+    official = scored_rows(completion, official_alignment=True)
+    assert textbook.nonzero()[:, 1].tolist() == [2, 3]  # rows P-1 .. P+|y|-2
+    assert official.nonzero()[:, 1].tolist() == [3, 4]  # rows P .. P+|y|-1
+    # textbook rows are exactly response_view's mask (which drops the last row)
+    _, _, view_mask = response_view(torch.zeros(1, 7, 5), torch.zeros(1, 7, dtype=torch.long), completion)
+    assert torch.equal(textbook[:, :-1], view_mask) and not textbook[:, -1].any()
+    assert kept_positions(torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]]).bool()).tolist() == [1, 2, 3]
+
+
+def test_config_defaults_follow_the_released_scripts_and_validate():
+    off = AlignDistilConfig(output_dir="unused", report_to="none")
+    on = AlignDistilConfig(output_dir="unused", report_to="none", on_policy=True)
+    assert (off.tvd_scale, on.tvd_scale) == (10.0, 15.0)
+    assert off.learning_rate == 1e-6 and off.lr_scheduler_type == "cosine_with_min_lr"
+    assert off.lr_scheduler_kwargs == {"min_lr_rate": 0.1} and off.adam_beta2 == 0.95 and off.beta == 0.1
+    assert off.bf16 is False  # CPU: default_precision
+    with pytest.raises(ValueError, match="needs a fixed `ratio`"):
+        AlignDistilConfig(output_dir="unused", report_to="none", variant="contrastive")
+    with pytest.raises(ValueError, match="rollout_backend"):
+        AlignDistilConfig(output_dir="unused", report_to="none", rollout_backend="tgi")
+
+
+def test_quickstart_stages_reference_the_teacher_pair_and_parse():
+    from transformers import HfArgumentParser
+
+    from align_distill.methods import METHODS, method_module
+    from align_distill.pipeline import references
+
+    assert "aligndistil" in METHODS
+    module = method_module("aligndistil")
+    off, on = module.quickstart_stages(0), module.quickstart_stages_on(0)
+    assert [s.name for s in off] == ["aligndistil_off"] and [s.name for s in on] == ["aligndistil_on"]
+    for stage in off + on:
+        assert stage.kind == "train" and stage.target == "aligndistil"
+        assert set(references(stage)) == {"student_sft", "teacher_dpo", "teacher_rev_dpo", "data"}
+        _, config, model_args = HfArgumentParser(module.DATACLASSES).parse_dict(
+            {**stage.config, "output_dir": "unused"}, allow_extra_keys=False
+        )
+        assert config.on_policy == (stage.name == "aligndistil_on")
+        assert model_args.model_name_or_path == "${student_sft}"
+
+
+# ---- tiny-model training ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_off_policy_loss_matches_hand_computation_and_trains(tiny_models, teacher_pair, pairs, tmp_path):
+    trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path)
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        expected = _hand_loss(trainer, batch, official=False)
+    assert loss.item() > 0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) == len(before)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for log in logs:
+        assert 1.0 < log["aligndistil/alpha"] < 10 * 2 + 1e-3  # α = r·TVD + ε inside its bounds
+        assert log["aligndistil/beta"] > 0 and log["aligndistil/kl"] > 0
+        assert log["aligndistil/alpha_at_bounds"] == 0.0  # TVD ≈ 0.25 of 2: no token at a bound
+        assert log["num_scored_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_official_alignment_scores_the_shifted_rows(tiny_models, teacher_pair, pairs, tmp_path):
+    trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, official_alignment=True)
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        official = trainer.compute_loss(trainer.model, batch)
+        torch.testing.assert_close(official, _hand_loss(trainer, batch, official=True), rtol=1e-5, atol=1e-7)
+        trainer.args.official_alignment = False
+        textbook = trainer.compute_loss(trainer.model, batch)
+        torch.testing.assert_close(textbook, _hand_loss(trainer, batch, official=False), rtol=1e-5, atol=1e-7)
+    # different rows, different loss: by far more than the 1e-5 agreement with the hand computations above
+    assert abs(official.item() - textbook.item()) > 1e-3 * textbook.item()
+
+
+@pytest.mark.slow
+def test_on_policy_rollouts_sync_weights_and_train(tiny_models, teacher_pair, pairs, tmp_path):
+    trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, on_policy=True, rollout_sync_steps=2)
+    student = trainer.model
+    prompts = pairs["prompt"][:3]
+
+    def same_weights() -> bool:
+        rollout = dict(trainer.generator.model.named_parameters())
+        return all(torch.equal(p, rollout[n]) for n, p in student.named_parameters())
+
+    batch = trainer.rollout(prompts)  # builds the engine (a separate copy) and syncs it at step 0
+    assert trainer.generator.model is not student and same_weights()
+    assert batch["input_ids"].shape[0] == 3
+    responses = batch["completion_mask"].sum(-1)
+    assert ((responses >= 1) & (responses <= 8)).all()
+    assert (batch["completion_mask"] <= batch["attention_mask"]).all()
+
+    with torch.no_grad():  # the student moves on; with rollout_sync_steps=2 the engine follows at step 2 only
+        next(student.parameters()).add_(0.5)
+    trainer.state.global_step = 1
+    trainer.rollout(prompts)
+    assert not same_weights()
+    trainer.state.global_step = 2
+    trainer.rollout(prompts)
+    assert same_weights()
+
+    with torch.no_grad():  # the loss on a rollout batch is the same function of the same rows
+        loss = trainer.compute_loss(student, batch)
+        torch.testing.assert_close(loss, _hand_loss(trainer, batch, official=False), rtol=1e-5, atol=1e-7)
+
+    trainer.generator.close()
+    trainer.generator, trainer._synced_step, trainer.state.global_step = None, None, 0
+    trainer.args.rollout_sync_steps = 1
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in student.named_parameters())
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(1 <= log["rollout/response_length"] <= 8 for log in logs)
+    assert all(log["aligndistil/kl"] > 0 for log in logs)
+    assert trainer.generator is None  # closed at the end of train()
+
+
+@pytest.mark.slow
+def test_method_main_trains_and_saves_through_the_parser(tiny_models, teacher_pair, tmp_path):
+    import json
+
+    from transformers import HfArgumentParser
+
+    from align_distill.methods import method_module
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in synthetic.preference_rows(8, seed=3)))
+    module = method_module("aligndistil")
+    config = {
+        "model_name_or_path": str(tiny_models["student"]),
+        "dpo_model_path": str(teacher_pair["dpo"]),
+        "rev_dpo_model_path": str(teacher_pair["rev"]),
+        "dataset_path": str(data),
+        "output_dir": str(tmp_path / "student"),
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "max_length": 64,
+    }
+    metrics = module.main(*HfArgumentParser(module.DATACLASSES).parse_dict(config))
+    assert metrics["train_loss"] > 0
+    saved = tmp_path / "student"
+    assert (saved / "model.safetensors").exists() and (saved / "tokenizer_config.json").exists()
