@@ -16,6 +16,8 @@ METHODS: dict[str, str] = {
     "mod": "align_distill.methods.mod",
     "cyclealign": "align_distill.methods.cyclealign",
     "aligndistil": "align_distill.methods.aligndistil",
+    "dckd": "align_distill.methods.dckd",
+    "adpa": "align_distill.methods.adpa",
 }
 
 
