@@ -91,6 +91,9 @@ def test_score_matches_a_direct_forward_pass(teacher):
     k = 7
     batched = teacher.score(prompts, responses, top_k=k)
     single = TransformersGenerator(teacher.model, teacher.tokenizer, batch_size=1).score(prompts, responses, top_k=k)
+    # log-probs built a row at a time (bounded memory) give the very same numbers as the whole batch at once
+    chunked = TransformersGenerator(teacher.model, teacher.tokenizer, batch_size=4, logprob_budget_bytes=1)
+    assert chunked.score(prompts, responses, top_k=k) == batched
     for p, r, got, one in zip(prompts, responses, batched, single):
         exact = direct_logprobs(teacher.model, p, r)
         values, ids = torch.topk(exact, k)

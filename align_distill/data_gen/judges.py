@@ -30,7 +30,7 @@ from align_distill.data_gen.backends import Generator, SamplingParams, generate_
 from align_distill.data_gen.tokens import (
     Response,
     as_messages,
-    encode_prompt_response,
+    encode_prompt_responses,
     prompt_text,
     render_conversation,
     response_text,
@@ -288,7 +288,7 @@ class LikelihoodJudge(ScoringJudge):
         self.generator, self.normalize = generator, normalize
 
     def score(self, prompts: list[Any], responses: list[Response]) -> list[float]:
-        encoded = [encode_prompt_response(self.generator.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        encoded = encode_prompt_responses(self.generator.tokenizer, prompts, responses)
         scored = self.generator.score([p for p, _ in encoded], [r for _, r in encoded], top_k=1)
         totals = [sum(s.token_logprobs) for s in scored]
         if not self.normalize:

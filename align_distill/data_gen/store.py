@@ -73,15 +73,17 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file + fsync + rename, so a reader never sees a partial file."""
+def atomic_write_bytes(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write `data` to `path` through a temp file + fsync + rename, so a reader never sees a partial file.
+    `sync_dir` also makes the rename itself survive a power loss."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -320,7 +322,9 @@ class ShardedStore:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=1, default=str).encode())
+        # No directory fsync: if a power loss undoes this rename, the older manifest is still a consistent state
+        # (the newest shard becomes an orphan and is redone). Shard renames are synced before the manifest lists them.
+        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=1, default=str).encode(), False)
 
     def close(self) -> None:
         if not self._lock.closed:

@@ -25,15 +25,34 @@ def is_conversational(value: Any) -> bool:
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of `prompt` as a model sees it before its response."""
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
+    return encode_prompts(tokenizer, [prompt])[0]
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Prompt]) -> list[list[int]]:
+    """`encode_prompt` for many prompts, with one (batched) tokenizer call per form."""
+    result: list[list[int]] = [[] for _ in prompts]
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if plain:
+        for i, ids in zip(plain, tokenizer([prompts[i] for i in plain])["input_ids"]):
+            result[i] = list(ids)
+    if chats:
+        _require_template(tokenizer)
+        conversations = [list(prompts[i]) for i in chats]
+        encoded = tokenizer.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for i, ids in zip(chats, encoded):
+            result[i] = list(ids)
+    return result
+
+
+def _require_template(tokenizer: Any) -> None:
     if tokenizer.chat_template is None:
         raise ValueError(
             f"the prompt is a conversation but tokenizer {tokenizer.name_or_path!r} has no chat template; "
             "give plain-text prompts or a tokenizer with a template"
         )
-    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
 
 
 def as_messages(response: Response) -> Messages:
@@ -41,25 +60,57 @@ def as_messages(response: Response) -> Messages:
     return [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
 
 
+def encode_full(tokenizer: Any, prompts: list[Prompt], responses: list[Response]) -> list[list[int]]:
+    """Token ids of each prompt followed by its response given as text (conversational: the whole conversation
+    through the template; plain: prompt + response + EOS, as TRL's DPO tokenizes them)."""
+    result: list[list[int]] = [[] for _ in prompts]
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if plain:
+        eos = tokenizer.eos_token or ""
+        texts = []
+        for i in plain:
+            if not isinstance(responses[i], str):
+                raise ValueError("a plain-text prompt needs a plain-text response, found a message list")
+            text = str(responses[i])
+            texts.append(prompts[i] + (text if text.endswith(eos) else text + eos))
+        for i, ids in zip(plain, tokenizer(texts)["input_ids"]):
+            result[i] = list(ids)
+    if chats:
+        _require_template(tokenizer)
+        conversations = [list(prompts[i]) + as_messages(responses[i]) for i in chats]
+        encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]
+        for i, ids in zip(chats, encoded):
+            result[i] = list(ids)
+    return result
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def encode_prompt_response(tokenizer: Any, prompt: Prompt, response: Response) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of a prompt and a response given as text, by TRL's DPO rule: the response starts
     where the tokenized prompt and the tokenized prompt + response diverge."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    if isinstance(prompt, str):
-        if not isinstance(response, str):
-            raise ValueError("a plain-text prompt needs a plain-text response, found a message list")
-        eos = tokenizer.eos_token or ""
-        text = response if response.endswith(eos) else response + eos
-        full = list(tokenizer(prompt + text)["input_ids"])
-    else:
-        conversation = list(prompt) + as_messages(response)
-        full = list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
-    common = 0
-    for a, b in zip(prompt_ids, full):
-        if a != b:
-            break
-        common += 1
-    return prompt_ids[:common], full[common:]
+    return encode_prompt_responses(tokenizer, [prompt], [response])[0]
+
+
+def encode_prompt_responses(
+    tokenizer: Any, prompts: list[Prompt], responses: list[Response]
+) -> list[tuple[list[int], list[int]]]:
+    """`encode_prompt_response` for many pairs, batched."""
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    fulls = encode_full(tokenizer, prompts, responses)
+    pairs = []
+    for ids, full in zip(prompt_ids, fulls):
+        cut = common_prefix(ids, full)
+        pairs.append((ids[:cut], full[cut:]))
+    return pairs
 
 
 def prompt_text(prompt: Prompt) -> str:

@@ -1,11 +1,11 @@
 """The transformers backend: `model.generate` and one forward pass per scoring batch — the CPU default, and the
 reference the other backends are checked against.
 
-Sampling with per-prompt seeds inside one batch: `generate` runs in greedy mode and a logits processor adds, per
-sequence, exponential-race noise drawn from that sequence's own `torch.Generator` (argmax(log p − log E),
-E ~ Exp(1), samples from p). Temperature, top-k and top-p are applied first with transformers' own warpers. So a
-prompt's samples depend on its seed only, not on which prompts share its batch — which is what lets a resumed job
-reproduce an uninterrupted one.
+Sampling with per-prompt seeds inside one batch: `generate` runs in greedy mode and a logits processor adds
+exponential-race noise (argmax(log p − log E) with E ~ Exp(1) samples from p), E drawn by a counter-based hash of
+(the sequence's seed, the step, the token id). Temperature, top-k and top-p are applied first with transformers'
+own warpers. So a prompt's samples depend on its seed only, not on which prompts share its batch — which is what
+lets a resumed job reproduce an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,17 +37,48 @@ def sample_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-class ExponentialRaceSampler(LogitsProcessor):
-    """Turns greedy decoding into sampling, each row with its own generator (see the module docstring)."""
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # odd 64-bit constants as signed int64 (tensor arithmetic wraps)
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 
-    def __init__(self, generators: list[torch.Generator]):
-        self.generators = generators
+
+def _int64(value: int) -> int:
+    """A Python int wrapped to the signed 64-bit range, as tensor arithmetic would wrap it."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x >> n) & ((1 << (64 - n)) - 1)  # logical shift on int64
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finalizer on int64 tensors: neighbouring inputs give independent-looking outputs."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+class ExponentialRaceSampler(LogitsProcessor):
+    """Turns greedy decoding into sampling, each row with its own seed (see the module docstring).
+
+    The noise of row r at decoding step t for token v is a counter-based hash of (seed_r, t, v), computed for the
+    whole batch at once: no per-row random generator state, and nothing depends on the other rows.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.row_keys = _splitmix64(torch.tensor(seeds, dtype=torch.long, device=device))
+        self.start: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        noise = torch.stack(
-            [torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g) for g in self.generators]
-        )
-        return torch.log_softmax(scores.float(), dim=-1) - noise.log()
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        step = input_ids.shape[1] - self.start
+        keys = _splitmix64(self.row_keys ^ _int64(step * _GOLDEN))  # [B]
+        tokens = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.long) * _GOLDEN
+        bits = _shift_right(_splitmix64(keys[:, None] + tokens[None, :]), 11)  # 53 random bits
+        uniform = (bits.double() + 0.5) * 2.0**-53  # in (0, 1)
+        exponential = -torch.log(uniform)
+        return torch.log_softmax(scores.float(), dim=-1) - exponential.log().float()
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -77,6 +108,7 @@ class TransformersGenerator(Generator):
         device: "auto", "cpu", "cuda", "cuda:1", ...
         batch_size: sequences per `generate` call / per scoring forward pass.
         max_batch_tokens: cap on (rows × padded length) per scoring forward pass, bounding activation memory.
+        logprob_budget_bytes: cap on the float32 log-prob tensor [rows, response length, vocabulary] built at once.
     """
 
     def __init__(
@@ -88,6 +120,7 @@ class TransformersGenerator(Generator):
         device: str = "auto",
         batch_size: int = 16,
         max_batch_tokens: int = 32768,
+        logprob_budget_bytes: int = 2**30,
         revision: str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
@@ -95,6 +128,7 @@ class TransformersGenerator(Generator):
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.logprob_budget_bytes = logprob_budget_bytes
         self._owns_model = not isinstance(model, PreTrainedModel)
         if isinstance(model, PreTrainedModel):
             self.model = model
@@ -163,8 +197,7 @@ class TransformersGenerator(Generator):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1:
                 processors.append(TopPLogitsWarper(params.top_p))
-            generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-            processors.append(ExponentialRaceSampler(generators))
+            processors.append(ExponentialRaceSampler(seeds, self.device))
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,
@@ -284,25 +317,49 @@ class TransformersGenerator(Generator):
             logits_to_keep=longest_response + 1,
             use_cache=False,
         ).logits[:, :-1]
+        width = longest_response
+        chunk = max(1, self.logprob_budget_bytes // (width * logits.shape[-1] * 4))
+        for first in range(0, len(rows), chunk):  # float32 log-probs of a few rows at a time: bounded memory
+            self._signals(
+                rows[first : first + chunk], logits[first : first + chunk], response_ids, top_k, gather_ids, results
+            )
+
+    def _signals(
+        self,
+        rows: list[int],
+        logits: torch.Tensor,
+        response_ids: list[list[int]],
+        top_k: int,
+        gather_ids: list[list[list[int]]] | None,
+        results: list[TokenScores | None],
+    ) -> None:
+        """Top-k (or gathered) log-probs of rows whose responses are right-aligned in `logits` [B, R, V]."""
+        width = logits.shape[1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            size = len(response_ids[r])
-            if size == 0:
-                results[r] = TokenScores([], [], [], [])
-                continue
-            logprobs = torch.log_softmax(logits[i, longest_response - size :].float(), dim=-1)  # [T, V]
-            targets = torch.tensor(response_ids[r], device=logprobs.device)
-            token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]
-            if gather_ids is not None:
-                ids = torch.tensor(gather_ids[r], dtype=torch.long, device=logprobs.device).reshape(size, -1)
-                values = logprobs.gather(-1, ids)
-            else:
-                values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
-            rest = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)  # log of the mass outside `ids`
+            if response_ids[r]:
+                targets[i, width - len(response_ids[r]) :] = torch.tensor(response_ids[r])
+        token_logprobs = logprobs.gather(-1, targets.to(logprobs.device)[..., None])[..., 0]
+        if gather_ids is not None:
+            k = max((len(gather_ids[r][0]) for r in rows if gather_ids[r]), default=1)
+            ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+            for i, r in enumerate(rows):
+                if gather_ids[r]:
+                    ids[i, width - len(gather_ids[r]) :] = torch.tensor(gather_ids[r], dtype=torch.long)
+            ids = ids.to(logprobs.device)
+            values = logprobs.gather(-1, ids)
+        else:
+            values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+        rest = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)  # log of the mass outside `ids`
+        token_logprobs, ids, values, rest = (t.cpu() for t in (token_logprobs, ids, values, rest))
+        for i, r in enumerate(rows):
+            start = width - len(response_ids[r])
             results[r] = TokenScores(
-                token_logprobs=token_logprobs.tolist(),
-                topk_ids=ids.tolist(),
-                topk_logprobs=values.tolist(),
-                rest_logmass=rest.tolist(),
+                token_logprobs=token_logprobs[i, start:].tolist(),
+                topk_ids=ids[i, start:].tolist(),
+                topk_logprobs=values[i, start:].tolist(),
+                rest_logmass=rest[i, start:].tolist(),
             )
 
     def close(self) -> None:

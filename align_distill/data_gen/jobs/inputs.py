@@ -56,7 +56,18 @@ def load_inputs(
     report = validate(records, format, source=source)
     if report.problems:
         raise DataValidationError(report.problems)
-    return records_to_dataset(report.rows, source)
+    return _to_dataset(report.rows, source)
+
+
+def _to_dataset(rows: list[dict[str, Any]], source: str) -> datasets.Dataset:
+    """An in-memory Dataset of the validated rows, fingerprinted by content (skips `datasets`' pickling hash);
+    rows whose columns arrow cannot type go through `records_to_dataset` for an error naming the cells."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    try:
+        table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return records_to_dataset(rows, source)
+    return datasets.Dataset(table, fingerprint=_table_digest(table)[:16])
 
 
 def is_store(source: str) -> bool:
@@ -88,7 +99,11 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], source: str, 
 
 def dataset_digest(dataset: datasets.Dataset) -> str:
     """sha256 of the rows' arrow data (IPC stream of the combined table): equal rows give equal digests."""
-    table = dataset.data.table.combine_chunks()
+    return _table_digest(dataset.data.table)
+
+
+def _table_digest(table: pa.Table) -> str:
+    table = table.combine_chunks()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from align_distill.data import DataProblem, DataValidationError
 from align_distill.data_gen.backends import Generator, TokenScores, make_generator
 from align_distill.data_gen.config import SignalsConfig, as_config
-from align_distill.data_gen.tokens import encode_prompt, encode_prompt_response
+from align_distill.data_gen.tokens import common_prefix, encode_full, encode_prompts
 
 from .fingerprint import tokenizer_fingerprint
 from .inputs import load_inputs
@@ -38,46 +38,47 @@ def detect_responses(columns: list[str]) -> list[str]:
     return []
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_row(
-    tokenizer: Any, row: dict[str, Any], responses: list[str], where: str
-) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, [response ids per response column]) of one input row, as the student will see them."""
-    prompt_ids = encode_prompt(tokenizer, row["prompt"])
-    recorded = row.get("prompt_ids")
-    if recorded is not None and list(recorded) != prompt_ids:
-        raise DataValidationError(
-            [
-                DataProblem(
-                    where,
-                    None,
-                    "prompt_ids",
-                    "differ from the prompt tokenized with the "
-                    "student tokenizer and chat template; the rows were made with another "
-                    "tokenizer or template",
-                )
-            ]
-        )
-    fulls = []
-    for response in responses:
-        ids = row.get(f"{response}_ids")
-        if ids is not None:
-            fulls.append(prompt_ids + list(ids))
-        else:
-            if row.get(response) is None:
-                raise DataValidationError([DataProblem(where, None, response, "missing response to score")])
-            p, r = encode_prompt_response(tokenizer, row["prompt"], row[response])
-            fulls.append(p + r)
-    cut = min([len(prompt_ids), *(_common_prefix(prompt_ids, full) for full in fulls)])
-    return prompt_ids[:cut], [full[cut:] for full in fulls]
+def tokenize_rows(
+    tokenizer: Any, rows: list[dict[str, Any]], responses: list[str], source: str, row_numbers: list[int]
+) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, [response ids per response column]) of each input row, as the student will see them;
+    `row_numbers` (1-based) name the rows in errors."""
+    prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in rows])
+    text_pairs = [
+        (r, n)
+        for r, row in enumerate(rows)
+        for n, response in enumerate(responses)
+        if row.get(f"{response}_ids") is None
+    ]
+    for r, n in text_pairs:
+        if rows[r].get(responses[n]) is None:
+            raise DataValidationError([DataProblem(source, row_numbers[r], responses[n], "missing response to score")])
+    fulls = encode_full(
+        tokenizer, [rows[r]["prompt"] for r, _ in text_pairs], [rows[r][responses[n]] for r, n in text_pairs]
+    )
+    full_of = dict(zip(text_pairs, fulls))
+    result = []
+    for r, (row, ids) in enumerate(zip(rows, prompt_ids)):
+        recorded = row.get("prompt_ids")
+        if recorded is not None and list(recorded) != ids:
+            raise DataValidationError(
+                [
+                    DataProblem(
+                        source,
+                        row_numbers[r],
+                        "prompt_ids",
+                        "differ from the prompt tokenized with the student tokenizer and chat template; the rows "
+                        "were made with another tokenizer or template",
+                    )
+                ]
+            )
+        full = [
+            full_of[(r, n)] if (r, n) in full_of else ids + list(row[f"{response}_ids"])
+            for n, response in enumerate(responses)
+        ]
+        cut = min([len(ids), *(common_prefix(ids, f) for f in full)])  # TRL: the prefix every response shares
+        result.append((ids[:cut], [f[cut:] for f in full]))
+    return result
 
 
 def run_signals(
@@ -162,10 +163,7 @@ def _run(
                 types[names[key]] = pa.list_(pa.float16())
 
     def process(positions: list[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        tokenized = [
-            tokenize_row(tokenizer, row, responses, f"{config.input}:row {position + 1}")
-            for position, row in zip(positions, rows)
-        ]
+        tokenized = tokenize_rows(tokenizer, rows, responses, config.input, [p + 1 for p in positions])
         flat_prompts = [p for p, rs in tokenized for _ in rs]
         flat_responses = [r for _, rs in tokenized for r in rs]
         scores: dict[str, list[TokenScores]] = {}
