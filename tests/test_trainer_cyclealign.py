@@ -376,3 +376,27 @@ def test_cycle_loop_writes_every_cycle_and_resumes_at_the_interrupted_cycle_and_
 
     with pytest.raises(ValueError, match="another CycleAlign run"):  # a rerun with other settings refuses the folder
         CycleAlign(str(tiny_models["student"]), tokenizer, loop_config(run, cycles=3), prompts)._check_run()
+
+
+@pytest.mark.slow
+def test_cli_trains_one_cycle_from_the_yaml_recipe(tiny_models, tmp_path):
+    from align_distill import synthetic
+    from align_distill.cli import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic.prompt_rows(4, seed=5)))
+    out = tmp_path / "out"
+    overrides = {
+        "model_name_or_path": tiny_models["student"], "dataset_path": data, "output_dir": out, "cycles": 1,
+        "prompts_per_cycle": 4, "num_responses": 2, "max_new_tokens": 6, "max_steps": 1, "save_strategy": "no",
+        "disable_tqdm": "true", "training_target": "agreement",
+    }  # fmt: skip
+    argv = ["train", "cyclealign", "--config", "configs/cyclealign_quickstart.yaml"]
+    argv += [part for key, value in overrides.items() for part in (f"--{key}", str(value))]
+    argv += ["--black_box", json.dumps({**ORACLE, "noise": 0.0})]  # a JSON override of the YAML mapping
+    assert main(argv) == 0
+    [metrics] = json.loads((out / "cycle_metrics.json").read_text())
+    assert metrics["prompts"] == 4 and metrics["black_box_failures"] == 0  # noise-free, no failure rate
+    assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()  # the final white box
+    for row in map(json.loads, (out / "cycle_1" / "rankings.jsonl").read_text().splitlines()):
+        assert row["target"] == row["agreement"]

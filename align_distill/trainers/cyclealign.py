@@ -102,6 +102,8 @@ class CycleAlignConfig(TrainingArguments):
         reward_function (`str`, *optional*):
             `module:function` of a ground-truth reward, only for logging the mean reward of each cycle's samples
             and of the black box's top choices (the quickstart uses `align_distill.synthetic:reward`).
+        trust_remote_code (`bool`, defaults to `False`):
+            Allow models and tokenizers that ship their own Python code.
 
     `num_train_epochs` / `max_steps` apply to each cycle. Changed defaults from `TrainingArguments`:
     `learning_rate=5e-6` (PRO), `logging_steps=10`, `remove_unused_columns=False` (the collator needs the ranked
@@ -150,6 +152,9 @@ class CycleAlignConfig(TrainingArguments):
     max_length: int | None = field(default=512, metadata={"help": "Longest prompt + response when training."})
     reward_function: str | None = field(
         default=None, metadata={"help": "module:function ground-truth reward, for logging only."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and tokenizers that ship their own Python code."}
     )
 
     # changed defaults
