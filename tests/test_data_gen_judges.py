@@ -198,3 +198,34 @@ def test_llm_judge_through_the_transformers_backend(tiny_models):
     for verdict in verdicts:
         assert len(verdict.raw) == (1 if verdict.ranking is not None else 2)
         assert (verdict.ranking is None) == (verdict.error is not None)
+
+
+def test_rank_job_builds_an_llm_judge_from_its_config(tiny_models, tmp_path):
+    source = tmp_path / "c.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "sort: b a", "completions": ["sure, a b", "fine, b a"]}) + "\n")
+    config = {
+        "input": str(source),
+        "output_dir": str(tmp_path / "rank"),
+        "progress": False,
+        "judge": {
+            "kind": "llm",
+            "model": str(tiny_models["student"]),
+            "max_retries": 1,
+            "max_new_tokens": 4,
+            "demonstrations": [{"prompt": "q", "completions": ["x", "y"], "ranking": [1, 0]}],
+        },
+    }
+    (row,) = load_store(run_job("rank", config)).to_list()
+    assert 1 <= len(row["judge_raw"]) <= 2 and (row["ranking"] is None) == (row["judge_error"] is not None)
+    with pytest.raises(ValueError, match="demonstration 1: ranking"):
+        run_job(
+            "rank",
+            {
+                **config,
+                "output_dir": str(tmp_path / "bad"),
+                "judge": {
+                    **config["judge"],
+                    "demonstrations": [{"prompt": "q", "completions": ["x", "y"], "ranking": [1, 1]}],
+                },
+            },
+        )

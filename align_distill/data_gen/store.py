@@ -21,7 +21,9 @@ sort on `input_index`. No merge step: `load_store` reads every part's manifest.
 
 The manifest keeps, per shard, its file, row count, byte size and the input positions it completed as runs
 `[[start, stop), ...]` (plus first/last row id), not every id, so that rewriting it after each shard stays cheap
-for millions of rows. Shards are plain parquet: `datasets.load_dataset("parquet", data_files=...)` reads them.
+for millions of rows. Shards are plain parquet: `datasets.load_dataset("parquet", data_files="out/data/*.parquet")`
+reads a finished store directly (after a crash, until the job is resumed, the folder may hold one orphan shard
+that the manifest does not list: `load_store` reads only listed shards).
 """
 
 from __future__ import annotations
@@ -407,7 +409,15 @@ def load_store(path: str | Path, allow_partial: bool = False, cache_dir: str | N
         schemas = [_decode_schema(m["schema"]) for m in manifests if m.get("schema")]
         empty = schemas[0].empty_table() if schemas else pa.table({INPUT_INDEX: pa.array([], pa.int64())})
         return datasets.Dataset(empty)
-    loaded = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars for a local read are noise
+    try:
+        loaded = datasets.load_dataset(
+            "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
+        )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     keys = [np.asarray(loaded.data.column(column).to_numpy()) for column in order_by]
     order = np.lexsort(keys[::-1])  # stable: rows of one input keep their order
     if np.array_equal(order, np.arange(len(order))):

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from align_distill.data_gen.backends import Completion, Generator, generate_with_seeds, make_generator
 from align_distill.data_gen.config import JobConfig, SampleConfig, as_config
-from align_distill.data_gen.tokens import encode_prompt
+from align_distill.data_gen.tokens import encode_prompts
 
 from .fingerprint import model_fingerprint, semantic_kwargs, tokenizer_fingerprint
 from .inputs import load_inputs
@@ -73,15 +73,16 @@ def _run(kind: str, config: JobConfig, generator: Generator | None) -> Path:
         prompts = [row["prompt"] for row in rows]
         seeds = [row_seed(params.seed, row["id"]) for row in rows]
         samples = generate_with_seeds(generator, prompts, params, seeds)
+        prompt_ids = encode_prompts(tokenizer, prompts)
         out = []
-        for position, row, completions in zip(positions, rows, samples):
+        for position, row, completions, ids in zip(positions, rows, samples, prompt_ids):
             first = completions[0]
             record = {k: v for k, v in row.items() if k not in produced}
             record.update(
                 id=row["id"],
                 input_index=position,
                 prompt=row["prompt"],
-                prompt_ids=encode_prompt(tokenizer, row["prompt"]),
+                prompt_ids=ids,
                 completion=_completion_value(row["prompt"], first),
                 completion_ids=first.token_ids,
                 finish_reason=first.finish_reason,
