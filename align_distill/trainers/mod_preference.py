@@ -131,6 +131,7 @@ class MoDPreferenceTrainer(DPOTrainer):
             trainable = "d2s" if self.router_logits.routers else "all"
         self.trainable_names = set_stage_trainable(model, "d2s" if trainable == "d2s" else "d2d")
         given = train_dataset is not None and all(c in train_dataset.column_names for c in TEACHER_COLUMNS)
+        vision = train_dataset is not None and bool({"image", "images"} & set(train_dataset.column_names))
         if teacher_model is None:
             if not given:
                 raise ValueError(
@@ -138,11 +139,23 @@ class MoDPreferenceTrainer(DPOTrainer):
                     f"log-probs in columns {TEACHER_COLUMNS} (see teacher_logps_from_signals)"
                 )
             # read from the data: TRL then keeps no reference model (our _precompute_ref_logps keeps the columns)
-            args.precompute_ref_log_probs = True
+            args.precompute_ref_log_probs = not vision
+        # TRL refuses to precompute on vision data (it would process every image up front); the teacher pass over
+        # the data is what we want here (the teacher then leaves memory), so it is done below, after TRL's init
+        precompute_vision = vision and args.precompute_ref_log_probs and teacher_model is not None
+        if precompute_vision:
+            args.precompute_ref_log_probs = False
         super().__init__(model=model, ref_model=teacher_model, args=args, train_dataset=train_dataset, **kwargs)
-        self.data_collator = _WithTeacherLogps(self.data_collator)
         self.loss_type = args.loss_type[0]
-        if args.precompute_ref_log_probs:
+        if precompute_vision:
+            self.train_dataset = self._teacher_pass(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._teacher_pass(v) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._teacher_pass(self.eval_dataset)
+            args.precompute_ref_log_probs = True
+        self.data_collator = _WithTeacherLogps(self.data_collator)
+        if args.precompute_ref_log_probs or teacher_model is None:
             self.ref_model = None  # the teacher's log-probs are in the data now; free it
 
     def _set_signature_columns_if_needed(self):
@@ -156,6 +169,21 @@ class MoDPreferenceTrainer(DPOTrainer):
         if self.ref_model is None:
             raise ValueError(f"{name} dataset has no teacher log-probs and no teacher model was given")
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    @torch.no_grad()
+    def _teacher_pass(self, dataset):
+        """Add the teacher's summed log-probs of each row's chosen / rejected answer as columns (one pass, every
+        process scores the whole dataset; vision data, where TRL does not precompute)."""
+        from torch.utils.data import DataLoader
+
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.compute_ref_log_probs(self.ref_model, self._prepare_inputs(batch))
+            chosen.extend(c.float().cpu().tolist())
+            rejected.extend(r.float().cpu().tolist())
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
     def _teacher_logps(self, inputs: dict[str, Any], model_kwargs: dict[str, Any], labels: torch.Tensor):
         if all(c in inputs for c in TEACHER_COLUMNS):
