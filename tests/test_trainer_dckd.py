@@ -71,12 +71,17 @@ def dckd_data(tiny_models, tmp_path_factory):
     }
 
 
-def build(tiny_models, tiny_tokenizer, data_path, out, teacher=None, **overrides):
+def build(tiny_models, tiny_tokenizer, data_path, out, teacher=None, evaluate=False, **overrides):
     dataset = load_dataset_for(str(data_path), "preference")
     model = load_model(tiny_models["student"], dtype="float32")
     args = tiny_args(DCKDConfig, out, **overrides)
     return DCKDTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer, teacher_model=teacher
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(4)) if evaluate else None,
+        processing_class=tiny_tokenizer,
+        teacher_model=teacher,
     )
 
 
@@ -155,6 +160,19 @@ def test_cached_signals_at_full_vocabulary_give_the_live_loss(tiny_models, tiny_
     for key in metrics:
         assert metrics[key] == pytest.approx(live_metrics[key], rel=2e-2, abs=1e-5)
     assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-4)
+
+
+def test_evaluate_logs_the_loss_parts(tiny_models, tiny_tokenizer, dckd_data, tmp_path):
+    trainer = build(
+        tiny_models,
+        tiny_tokenizer,
+        dckd_data["pairs"],
+        tmp_path,
+        evaluate=True,
+        signals_path=str(dckd_data["signals"]),
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and metrics["eval_kl/chosen"] > 0 and metrics["eval_loss/sft"] > 0
 
 
 def test_a_changed_response_is_an_error_naming_the_row(tiny_models, tiny_tokenizer, dckd_data, tmp_path):

@@ -287,7 +287,8 @@ class ADPATrainer(TeacherPairTrainer):
         args = self.args
         if args.rollout_steps and self.model.training and self.state.global_step % args.rollout_steps == 0:
             inputs = self._regenerate(model, inputs)
-        logits, labels, mask = self._aligned(self._student_logits(model, inputs), inputs)
+        outputs = self._student_outputs(model, inputs)
+        logits, labels, mask = self._aligned(outputs.logits, inputs)
         half = inputs["input_ids"].shape[0] // 2
         roll = slice(half, None)
         dpo, ref = self._teacher_signals(inputs, labels[roll])
@@ -313,4 +314,4 @@ class ADPATrainer(TeacherPairTrainer):
             parts["adpa/token_advantage"] = masked_mean(token_advantage, mask[roll])
             parts["adpa/rollout_tokens"] = mask[roll].sum(-1).float().mean()
         self._record(parts)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss

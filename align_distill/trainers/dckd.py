@@ -217,9 +217,8 @@ class TeacherPairTrainer(DPOTrainer):
         logits = frozen_logits(teacher, inputs["input_ids"], inputs["attention_mask"])
         return self._aligned(logits, inputs)[0]
 
-    def _student_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        return outputs.logits
+    def _student_outputs(self, model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
 
     def _sft(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(-token_logps(logits, labels), mask, self.args.loss_reduction)
@@ -276,7 +275,8 @@ class DCKDTrainer(TeacherPairTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        logits, labels, mask = self._aligned(self._student_logits(model, inputs), inputs)
+        outputs = self._student_outputs(model, inputs)
+        logits, labels, mask = self._aligned(outputs.logits, inputs)
         half = inputs["input_ids"].shape[0] // 2
         parts = {"loss/sft": self._sft(logits[:half], labels[:half], mask[:half])}
         teacher_logits = self._teacher_logits(self.teacher, inputs) if self.teacher is not None else None
@@ -314,4 +314,4 @@ class DCKDTrainer(TeacherPairTrainer):
         loss = loss + args.chosen_kl_weight * parts.get("kl/chosen", 0.0)
         loss = loss + args.rejected_kl_weight * parts.get("kl/rejected", 0.0)
         self._record(parts)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
