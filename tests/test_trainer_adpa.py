@@ -82,7 +82,7 @@ def test_the_advantage_term_sees_the_student_rollouts(tiny_models, tiny_tokenize
         assert student_row[student_mask].tolist() != example["chosen_ids"]
     # the teacher signals sit on the student-response rows only
     assert batch["dpo_ids"].shape[0] == half and batch["dpo_ids"].shape[-1] == 8
-    # a different student response changes the advantage term and leaves the SFT term alone
+    # the advantage term reads the signals of the student-response rows; the SFT term does not
     trainer.model.train()
     with torch.no_grad():
         trainer.compute_loss(trainer.model, batch)
