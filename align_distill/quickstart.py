@@ -143,9 +143,27 @@ def _student_dpo(seed: int) -> list[Stage]:
     ]
 
 
+def _method_stages(module: str, function: str = "quickstart_stages") -> Callable[[int], list[Stage]]:
+    """Stages a method module contributes (imported only when the quickstart is built)."""
+
+    def stages(seed: int) -> list[Stage]:
+        import importlib
+
+        return getattr(importlib.import_module(f"align_distill.methods.{module}"), function)(seed)
+
+    return stages
+
+
 # Each distillation method adds its stages here; the evaluated model is the last stage's output.
 METHOD_STAGES: dict[str, Callable[[int], list[Stage]]] = {
     "dpo": _student_dpo,
+    "dckd": _method_stages("dckd"),
+    "adpa": _method_stages("adpa"),
+    "adpa_plus": _method_stages("adpa", "quickstart_stages_plus"),
+    "aligndistil": _method_stages("aligndistil"),
+    "aligndistil_on": _method_stages("aligndistil", "quickstart_stages_on"),
+    "mod": _method_stages("mod"),
+    "cyclealign": _method_stages("cyclealign"),
 }
 
 # Models every report shows, in table order: (label, stage).
