@@ -105,7 +105,14 @@ def main(data_args: ADPADataArguments, training_args: ADPAConfig, model_args: Mo
 
 # Quickstart settings (tiny models on a CPU).
 QUICKSTART: dict[str, Any] = {"max_steps": 60, "learning_rate": 1e-3, "adpa_weight": 1.6, "beta": 0.1}
-ROLLOUT: dict[str, Any] = {"max_new_tokens": 24, "temperature": 0.0, "limit": 512, "progress": False}
+# Responses of the task are <= 11 tokens (EOS included): 16 new tokens leave room without paying for runaways.
+ROLLOUT: dict[str, Any] = {
+    "max_new_tokens": 16,
+    "temperature": 0.0,
+    "limit": 512,
+    "backend_kwargs": {"batch_size": 64},
+    "progress": False,
+}
 
 
 def adpa_stages(prefix: str, seed: int, student: str) -> list[Any]:

@@ -122,9 +122,10 @@ class TeacherSignalReader:
         teachers = list(teachers or self.teachers)
         labels, mask = input_ids[:, 1:], completion_mask[:, 1:].bool()
         rows: dict[str, tuple[list, list, list]] = {teacher: ([], [], []) for teacher in teachers}
+        decoded: dict[str, Any] = {}  # a row's responses are decoded together: once per row and batch
         for n, (row_id, response) in enumerate(keys):
             try:
-                cached = self.cache[row_id]
+                cached = decoded[row_id] if row_id in decoded else decoded.setdefault(row_id, self.cache[row_id])
             except KeyError:
                 raise SignalsMismatchError(
                     f"row {row_id!r} is not in the signals cache {self.path} ({len(self.cache)} rows)"
