@@ -1,0 +1,1 @@
+"""Benchmarks: loss kernels, trainer step time and memory vs TRL, generation throughput."""
