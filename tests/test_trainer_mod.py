@@ -367,3 +367,18 @@ def test_training_config_builds_each_stage_config(tmp_path):
     preference = config.stage_config("pd")
     assert isinstance(preference, MoDPreferenceConfig)
     assert (preference.loss_type, preference.beta, preference.max_length) == (["kto_pair"], 0.2, 77)
+
+
+def test_response_nll_is_chunked_cross_entropy_with_its_gradient():
+    from align_distill.losses.reduction import token_logps
+    from align_distill.trainers.mod_mimic import response_nll
+
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    got = response_nll(logits, labels, mask, chunk_size=2)
+    expected = -token_logps(logits, labels) * mask
+    assert torch.allclose(got, expected.to(got.dtype))
+    (grad_got,) = torch.autograd.grad(got.sum(), logits)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), logits)
+    assert torch.allclose(grad_got, grad_expected)

@@ -28,7 +28,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from align_distill.losses import kd_loss, masked_mean, moe_balancing_loss, topk_kd_loss
-from align_distill.losses.reduction import token_logps
+from align_distill.losses.divergence import chunked_token_map
 from align_distill.models.moe import PROJECTOR_NAMES, set_d2s_trainable
 from align_distill.models.vocab import slice_logits_to_vocab
 
@@ -195,6 +195,18 @@ def balancing_loss(
     )
 
 
+def response_nll(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Per-token next-token NLL `[B, T]` (0 off the mask), chunked like the KL so no float32 `[B, T, V]` copy is
+    made (the D2S cross-entropy at a 151k vocabulary)."""
+
+    def nll(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return rows.logsumexp(-1) - rows.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+    return chunked_token_map(nll, logits, labels, mask=mask, chunk_size=chunk_size)
+
+
 # ---------------------------------------------------------------- trainer
 
 
@@ -275,7 +287,7 @@ class MoDMimicTrainer(SFTTrainer):
         metrics = {"kd_loss": kd.detach()}
 
         if args.ce_coef:
-            ce = masked_mean(-token_logps(logits, targets), mask)
+            ce = masked_mean(response_nll(logits, targets, mask, args.kd_chunk_size), mask)
             loss = loss + args.ce_coef * ce
             metrics["ce_loss"] = ce.detach()
         if router.logits and args.aux_loss_coef:
