@@ -26,6 +26,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,21 +254,24 @@ def _fidelity(cache: Any, model: Any, k: int) -> tuple[float, float]:
     return float(f"{bins / count:.3g}"), float(f"{full / count:.3g}")
 
 
-def run(quick: bool = True, threads: int = 1) -> list[dict]:
+def rows(quick: bool = True, threads: int = 1) -> Iterator[dict]:
+    """The benchmark rows, each as soon as it is measured."""
     torch.set_num_threads(threads)
     from align_distill.synthetic import prompt_rows
 
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name, path in _models(folder, full=not quick).items():
-            n_prompts, n_rows = (32, 64) if quick else (128, 256)
+            n_prompts, n_rows = (32, 64) if quick else (64, 128)
             prompts = [r["prompt"] for r in prompt_rows(n_prompts, 7)]
-            rows += bench_generate(name, path, prompts, batch_size=16, new_tokens=32)
-            rows += bench_signals(name, path, folder, n_rows, batch_size=16, k=50)
-    for row in rows:
-        row["threads"] = threads
-    return rows
+            measured = bench_generate(name, path, prompts, batch_size=16, new_tokens=32)
+            measured += bench_signals(name, path, folder, n_rows, batch_size=16, k=50)
+            for row in measured:
+                yield {**row, "threads": threads}
+
+
+def run(quick: bool = True, threads: int = 1) -> list[dict]:
+    return list(rows(quick, threads))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,8 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines")
     opts = parser.parse_args(argv)
-    for row in run(quick=not opts.full, threads=opts.threads):
-        print(json.dumps(row) if opts.json else "  ".join(f"{k}={v}" for k, v in row.items()))
+    for row in rows(quick=not opts.full, threads=opts.threads):
+        print(json.dumps(row) if opts.json else "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
 if __name__ == "__main__":
