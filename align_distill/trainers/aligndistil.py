@@ -227,19 +227,14 @@ def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tup
             yield name, param.data
 
 
-def _load_weights_on_vllm_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside a vLLM worker process (`LLM.collective_rpc`): load weights into its model."""
-    worker.get_model().load_weights(weights)
-    return len(weights)
-
-
 def load_generator_weights(generator: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> int:
     """Copy `(name, tensor)` weights into a rollout engine; returns how many tensors were loaded.
 
     - transformers backend: copied in place into the generator's own model (names must match).
-    - vLLM backend: `model.load_weights` in the engine — directly when the engine runs in this process (TRL's
-      colocate path), else through `collective_rpc` (needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which the
-      trainer sets before starting the engine). Prefix caches are reset so no stale KV survives.
+    - vLLM backend: `model.load_weights` in the engine when it runs in this process (TRL's colocate path, e.g.
+      `distributed_executor_backend="external_launcher"`); else the engine's own in-place reload
+      (`collective_rpc("reload_weights")`) from a temporary safetensors file, as its worker processes cannot
+      receive tensors directly. Prefix caches are reset so that no KV computed with old weights survives.
     """
     from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 
@@ -256,14 +251,25 @@ def load_generator_weights(generator: Any, weights: Iterator[tuple[str, torch.Te
     llm = getattr(generator, "llm", None)
     if llm is None:
         raise TypeError(f"cannot load student weights into {type(generator).__name__}: not a local engine")
-    batch = [(name, tensor.detach().cpu()) for name, tensor in weights]
     driver = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
+    count = 0
     if driver is not None:
-        driver.model_runner.model.load_weights(batch)
+        for name, tensor in weights:
+            driver.model_runner.model.load_weights([(name, tensor)])
+            count += 1
     else:
-        llm.collective_rpc(_load_weights_on_vllm_worker, args=(batch,))
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="aligndistil-sync-") as folder:
+            tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in weights}
+            save_file(tensors, f"{folder}/model.safetensors")
+            count = len(tensors)
+            del tensors
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
     llm.reset_prefix_cache()
-    return len(batch)
+    return count
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -282,6 +288,61 @@ def as_prompt_completion(dataset: Any) -> Any:
 def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """On-policy batches are prompts only; the trainer turns them into rollouts."""
     return {"prompts": [example["prompt"] for example in examples]}
+
+
+# ---- loss of one batch --------------------------------------------------------------------------------------------
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab_size: int):
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    )
+    return out.logits[..., :vocab_size]  # a padded head's extra rows are no tokens
+
+
+def batch_loss(
+    student: torch.nn.Module,
+    dpo_model: torch.nn.Module,
+    second_model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    args: Any,
+    vocab_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """AlignDistil loss of one right-padded batch: `(loss, stats, scored rows [B, L])`.
+
+    `batch` holds `input_ids`, `attention_mask` and the response tokens as `completion_mask` (or SFT `labels`,
+    -100 outside the response). `second_model` is the reverse-DPO model (the SFT reference for `theorem1`).
+    `args` carries the loss settings of `AlignDistilConfig` (beta, tvd_scale, eps, tvd_half, variant, ratio,
+    official_alignment, loss_chunk_size). The three forwards project only the span of scored rows, and the
+    teachers' logits are freed when this returns: the chunked loss keeps only per-row gradients for the backward.
+    """
+    if "completion_mask" in batch:
+        completion_mask = batch["completion_mask"].bool()
+    else:  # SFT tokenization: labels are -100 on prompt and padding
+        completion_mask = batch["labels"] != -100
+    rows = scored_rows(completion_mask & batch["attention_mask"].bool(), args.official_alignment)
+    keep = kept_positions(rows)
+    student_logits = _logits(student, batch, keep, vocab_size)
+    with torch.no_grad():
+        dpo_logits = _logits(dpo_model, batch, keep, vocab_size)
+        second_logits = _logits(second_model, batch, keep, vocab_size)
+    theorem1 = args.variant == "theorem1"
+    loss, stats = aligndistil_loss(
+        student_logits,
+        dpo_logits,
+        None if theorem1 else second_logits,
+        rows[:, keep],
+        beta0=args.beta,
+        tvd_scale=args.tvd_scale,
+        eps=args.eps,
+        tvd_half=args.tvd_half,
+        variant=args.variant,
+        ratio=args.ratio,
+        ref_logits=second_logits if theorem1 else None,
+        chunk_size=args.loss_chunk_size,
+        return_stats=True,
+    )
+    return loss, stats, rows
 
 
 # ---- trainer ------------------------------------------------------------------------------------------------------
@@ -392,12 +453,8 @@ class AlignDistilTrainer(SFTTrainer):
             copy.generation_config = base.generation_config
             copy.to(self.accelerator.device)
             return TransformersGenerator(model=copy, tokenizer=self._tokenizer, **kwargs)
-        import os
-
         from align_distill.data_gen.backends import make_generator
 
-        # Weights are pushed into the engine process by `collective_rpc` with a function (pickled by reference).
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         return make_generator("vllm", model=base.name_or_path, tokenizer=self._tokenizer, **kwargs)
 
     def sync_rollout_weights(self) -> int:
@@ -453,49 +510,15 @@ class AlignDistilTrainer(SFTTrainer):
         }
 
     # -- loss -------------------------------------------------------------------------------------------------------
-    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
-        )
-        return out.logits[..., : self.vocab_size]  # a padded head's extra rows are no tokens
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollout(inputs["prompts"]) if "prompts" in inputs else inputs
-        if "completion_mask" in batch:
-            completion_mask = batch["completion_mask"].bool()
-        else:  # SFT tokenization: labels are -100 on prompt and padding
-            completion_mask = batch["labels"] != -100
-        completion_mask = completion_mask & batch["attention_mask"].bool()
-        rows = scored_rows(completion_mask, self.args.official_alignment)
-        keep = kept_positions(rows)
-        student_logits = self._logits(model, batch, keep)
-        with torch.no_grad():
-            dpo_logits = self._logits(self.dpo_model, batch, keep)
-            second_logits = self._logits(self.rev_dpo_model, batch, keep)
-        theorem1 = self.args.variant == "theorem1"
-        loss, stats = aligndistil_loss(
-            student_logits,
-            dpo_logits,
-            None if theorem1 else second_logits,
-            rows[:, keep],
-            beta0=self.args.beta,
-            tvd_scale=self.args.tvd_scale,
-            eps=self.args.eps,
-            tvd_half=self.args.tvd_half,
-            variant=self.args.variant,
-            ratio=self.args.ratio,
-            ref_logits=second_logits if theorem1 else None,
-            chunk_size=self.args.loss_chunk_size,
-            return_stats=True,
-        )
+        loss, stats, rows = batch_loss(model, self.dpo_model, self.rev_dpo_model, batch, self.args, self.vocab_size)
         mode = "train" if self.model.training else "eval"
         for key, value in stats.items():
             self._metrics[mode][f"aligndistil/{key}"].append(self.accelerator.gather_for_metrics(value).mean().item())
         tokens = self.accelerator.gather_for_metrics(rows.sum()).sum().item()
         self._metrics[mode]["num_scored_tokens"].append(float(tokens))
-        if return_outputs:
-            return loss, {"logits": student_logits}
-        return loss
+        return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
