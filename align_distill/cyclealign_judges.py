@@ -31,6 +31,7 @@ from align_distill.data_gen.judges import (
     Judgement,
     LLMJudge,
     import_function,
+    judge_messages,
     load_demonstrations,
     ranking_from_scores,
 )
@@ -165,7 +166,9 @@ class ICLRanker(Judge):
 
     Prompts that get the same demonstrations go to the inner judge in one call. A judge without a `demonstrations`
     argument (a scoring function, the noisy oracle) is asked once, without them. `shuffle` lists each prompt's
-    candidates in a seeded random order and maps the answer back, against position bias (spec §3).
+    candidates in a seeded random order and maps the answer back, against position bias (spec §3). With
+    `max_prompt_chars`, dynamic demonstrations are left out, last selected first, until the judge's prompt fits
+    (the static ones and the query always stay).
     """
 
     def __init__(
@@ -176,9 +179,10 @@ class ICLRanker(Judge):
         selection: str = "recent",
         shuffle: bool = False,
         seed: int = 0,
+        max_prompt_chars: int | None = None,
     ):
         self.inner, self.pool, self.k_dynamic, self.selection = judge, pool, k_dynamic, selection
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.max_prompt_chars = shuffle, seed, max_prompt_chars
         self.uses_demonstrations = isinstance(judge, LLMJudge)
 
     def _order(self, row_id: str, n: int) -> list[int]:
@@ -186,6 +190,16 @@ class ICLRanker(Judge):
         if self.shuffle:
             random.Random(f"{self.seed}:{row_id}").shuffle(order)
         return order
+
+    def _fit(self, prompt: Any, shown: list[Response], demos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.max_prompt_chars is None:
+            return demos
+        instruction = self.inner.instruction  # type: ignore[attr-defined]
+        while len(demos) > len(self.pool.static):
+            if len(judge_messages(prompt, shown, instruction, demos)[0]["content"]) <= self.max_prompt_chars:
+                break
+            demos = demos[:-1]
+        return demos
 
     def judge(
         self, prompts: list[Any], completions: list[list[Response]], row_ids: list[str] | None = None
@@ -200,7 +214,7 @@ class ICLRanker(Judge):
         else:
             groups, demos_of = {}, {}
             for i, prompt in enumerate(prompts):
-                demos = self.pool.select(prompt, self.k_dynamic, self.selection)
+                demos = self._fit(prompt, shown[i], self.pool.select(prompt, self.k_dynamic, self.selection))
                 key = json.dumps(demos, sort_keys=True, default=str)
                 groups.setdefault(key, []).append(i)
                 demos_of[key] = demos

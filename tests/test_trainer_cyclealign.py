@@ -206,6 +206,25 @@ def test_icl_ranker_shuffle_maps_answers_back_to_candidate_ids():
     assert any(v.ranking != [0, 1, 2, 3] for v in verdicts)
 
 
+def test_icl_ranker_drops_dynamic_demonstrations_to_fit_the_prompt_cap():
+    static = [{"prompt": "STATIC", "completions": ["s1", "s2"], "ranking": [0, 1]}]
+    pool = DemonstrationPool(static, capacity=10, min_agreement=2)
+    for k in range(3):
+        pool.add(f"DYN{k} " + "x" * 200, ["a", "b"], [1, 0], cycle=1)
+
+    def ask(cap):
+        model = ScriptedJudgeModel(answer="Ranking: [1] > [2]")
+        ICLRanker(LLMJudge(model, max_retries=0), pool, k_dynamic=3, max_prompt_chars=cap).judge(["q"], [["u", "v"]])
+        return model.queries[0]
+
+    full = ask(None)
+    assert full.count("DYN") == 3 and "STATIC" in full
+    fitted = ask(len(full) - 50)  # one dynamic demonstration too many: the last selected (the oldest) goes
+    assert len(fitted) <= len(full) - 50 and "DYN2" in fitted and "DYN1" in fitted and "DYN0" not in fitted
+    lengths = {10: (ask(10).count("DYN"), "STATIC" in ask(10))}
+    assert lengths[10][:2] == (0, True)  # static demonstrations and the query always stay
+
+
 def test_noisy_oracle_is_ground_truth_without_noise_and_seeded_with_it():
     prompt = "reverse: a b c"
     responses = ["fine, c b a", "sure, c b a", "sure, a b c", "blah"]

@@ -88,6 +88,8 @@ class CycleAlignConfig(TrainingArguments):
             m_min: an agreement ranking enters the pool if it orders at least this many responses.
         shuffle_candidates (`bool`, defaults to `False`):
             Show the black box each prompt's candidates in a seeded random order (against position bias).
+        max_judge_prompt_chars (`int`, *optional*):
+            Cap on an LLM judge's prompt in characters: dynamic demonstrations are left out until it fits.
 
         > Parameters that control the training
 
@@ -143,6 +145,9 @@ class CycleAlignConfig(TrainingArguments):
     min_agreement: int = field(default=3, metadata={"help": "m_min: shortest agreement ranking kept as a demo."})
     shuffle_candidates: bool = field(
         default=False, metadata={"help": "Show candidates to the black box in a seeded random order."}
+    )
+    max_judge_prompt_chars: int | None = field(
+        default=None, metadata={"help": "Cap on the LLM judge's prompt (characters); drops dynamic demos to fit."}
     )
     training_target: str = field(
         default="black_box", metadata={"help": "Ranking to train on: black_box | agreement.", "choices": list(TARGETS)}
@@ -603,6 +608,7 @@ class CycleAlign:
             args.demonstration_selection,
             args.shuffle_candidates,
             seed=args.seed + cycle,
+            max_prompt_chars=args.max_judge_prompt_chars,
         )
         rank_common = {"input": str(folder / "candidates.jsonl"), "progress": False}
         black_spec = vars(judge_spec(self.black_box_settings))
