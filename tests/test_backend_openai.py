@@ -72,7 +72,11 @@ class FakeServer:
                 try:
                     status, payload, headers, delay = item(self.path, body) if callable(item) else item
                     time.sleep(delay)
-                    data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                finally:  # before answering: once the client has its answer it may send the next request
+                    with server.lock:
+                        server.in_flight -= 1
+                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                try:
                     self.send_response(status)
                     for name, value in {"Content-Type": "application/json", **headers}.items():
                         self.send_header(name, value)
@@ -81,9 +85,6 @@ class FakeServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
             def log_message(self, *args) -> None:
                 pass

@@ -36,18 +36,19 @@ def request_seed(seed: int, prompt: Sequence[int] | str) -> int:
 
 def rest_logmass(logprobs: Sequence[float]) -> float:
     """log(1 − Σ exp(logprobs)) in float64; −inf when the ids hold all the mass (up to rounding)."""
-    rest = 1.0 - math.fsum(math.exp(lp) for lp in logprobs if lp != -math.inf)
+    rest = 1.0 - sum(map(math.exp, logprobs))  # exp(-inf) = 0
     return math.log(rest) if rest > 0 else -math.inf
 
 
-def _logprob(entry: Any) -> float:
-    """A vLLM `Logprob` object or the server's JSON dict `{"logprob": ..., "rank": ...}`."""
-    return float(entry["logprob"] if isinstance(entry, Mapping) else entry.logprob)
+_UNRANKED = 1 << 30
 
 
-def _rank(entry: Any) -> int:
-    rank = entry["rank"] if isinstance(entry, Mapping) else entry.rank
-    return int(rank) if rank is not None else 1 << 30
+def _position(entry: Mapping[Any, Any]) -> dict[int, tuple[float, int]]:
+    """token id -> (log-prob, rank) from a vLLM `dict[int, Logprob]` or a server's JSON `{"id": {"logprob",
+    "rank"}}` (one type check per position: this runs for every scored token)."""
+    if isinstance(next(iter(entry.values()), None), Mapping):
+        return {int(k): (float(v["logprob"]), v.get("rank") or _UNRANKED) for k, v in entry.items()}
+    return {k: (v.logprob, v.rank or _UNRANKED) for k, v in entry.items()}
 
 
 def scores_from_prompt_logprobs(
@@ -70,20 +71,21 @@ def scores_from_prompt_logprobs(
     for t, (entry, token) in enumerate(zip(positions, response_ids)):
         if entry is None:
             raise ValueError(f"{where}: no log-probs at response position {t} (a response needs a non-empty prompt)")
-        by_id = {int(k): v for k, v in entry.items()}
+        by_id = _position(entry)
         if token not in by_id:
             raise ValueError(f"{where}: response token {token} at position {t} missing from the prompt log-probs")
-        token_logprobs.append(_logprob(by_id[token]))
+        token_logprobs.append(by_id[token][0])
         if gather_ids is None:
-            ranked = sorted(by_id.items(), key=lambda kv: _rank(kv[1]))[:top_k]
+            ranked = sorted(by_id.items(), key=lambda kv: kv[1][1])[:top_k]
             ids = [i for i, _ in ranked]
-            lps = [_logprob(e) for _, e in ranked]
+            lps = [lp for _, (lp, _) in ranked]
         else:
             ids = list(gather_ids[t])
-            lps = [_logprob(by_id[i]) if i in by_id else -math.inf for i in ids]
+            lps = [by_id[i][0] if i in by_id else -math.inf for i in ids]
         topk_ids.append(ids)
         topk_logprobs.append(lps)
-        rest.append(rest_logmass(list(dict(zip(ids, lps)).values())))  # each distinct id counted once
+        distinct = lps if gather_ids is None else list(dict(zip(ids, lps)).values())  # asked ids may repeat
+        rest.append(rest_logmass(distinct))
     return TokenScores(token_logprobs, topk_ids, topk_logprobs, rest)
 
 
