@@ -8,6 +8,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,24 @@ def run_store_job(
                 len(owned),
             )
         started, tokens = time.perf_counter(), 0
-        with tqdm(total=len(pending), desc=kind, unit="row", disable=not config.progress or not pending) as bar:
+        # One writer thread commits shard i (parquet encoding, fsync) while shard i+1 is computed; commits stay in
+        # order and at most one is in flight, so a crash loses at most the shards not yet committed.
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer,
+            tqdm(total=len(pending), desc=kind, unit="row", disable=not config.progress or not pending) as bar,
+        ):
+            in_flight: Future | None = None
             for start in range(0, len(pending), config.shard_size):
                 chunk = pending[start : start + config.shard_size]
                 rows = process(chunk, inputs.select(chunk).to_list())
-                store.append(rows, chunk, column_types)
+                if in_flight is not None:
+                    in_flight.result()  # re-raises a failed commit before more work is queued
+                in_flight = writer.submit(store.append, rows, chunk, column_types)
                 tokens += count_tokens(rows)
                 bar.update(len(chunk))
                 if tokens:
                     bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            if in_flight is not None:
+                in_flight.result()
         store.finish()
     return Path(config.output_dir)
