@@ -112,6 +112,33 @@ def test_greedy_matches_transformers_token_for_token(vllm_generator, hf_teacher,
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_transformers_backend_and_vllm_agree(vllm_generator, tiny_models, tiny_tokenizer):
+    """The two backends the jobs switch between: same greedy ids and text, same signals (top-k and gathered)."""
+    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+
+    with TransformersGenerator(str(tiny_models["teacher"]), dtype="float32", device="cpu", batch_size=4) as hf:
+        params = SamplingParams(max_new_tokens=16)
+        ours, theirs = vllm_generator.generate(PROMPTS, params), hf.generate(PROMPTS, params)
+        assert [[(c.token_ids, c.text, c.finish_reason) for c in o] for o in ours] == [
+            [(c.token_ids, c.text, c.finish_reason) for c in o] for o in theirs
+        ]
+        prompt_ids = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS]
+        sampled = vllm_generator.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=10, seed=2))
+        response_ids = [c[0].token_ids for c in sampled]
+        gather = [[[7, tok, 40] for tok in r] for r in response_ids]
+        for kwargs in ({"top_k": 6}, {"top_k": 3, "gather_ids": gather}):
+            for a, b in zip(vllm_generator.score(prompt_ids, response_ids, **kwargs),
+                            hf.score(prompt_ids, response_ids, **kwargs)):  # fmt: skip
+                for field in ("token_logprobs", "topk_logprobs", "rest_logmass"):
+                    x = torch.tensor(getattr(a, field), dtype=torch.float64)
+                    y = torch.tensor(getattr(b, field), dtype=torch.float64)
+                    torch.testing.assert_close(x, y, atol=LOGPROB_TOL, rtol=0, msg=f"{field} with {list(kwargs)}")
+                if "gather_ids" in kwargs:
+                    assert a.topk_ids == b.topk_ids
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_topk_scores_match_transformers(vllm_generator, hf_teacher, tiny_tokenizer):
     top_k = 8
     prompt_ids = [encode_prompt(tiny_tokenizer, p) for p in PROMPTS]
