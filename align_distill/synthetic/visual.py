@@ -7,8 +7,8 @@ style marker and the answer:
     polite: "sure, red"        blunt: "fine, red"
 
 Reward = 0.5 · capability (the named attribute is right: the model looked at the image) + 0.5 · preference (the
-polite marker). SFT data picks the marker by a rule unrelated to preference (polite iff the shape is a circle or
-a square), preference pairs always prefer polite, and a quarter of the rejected answers also name a wrong
+polite marker). SFT data picks the marker by a rule unrelated to preference (polite iff the question asks for the
+colour), preference pairs always prefer polite, and a quarter of the rejected answers also name a wrong
 attribute (a "hallucination", LLaVA-MoD's target). Data on disk: PNG files plus JSONL rows whose `images` hold paths
 relative to the JSONL file; `load_visual_dataset` reads them back as a `datasets.Dataset` of PIL images.
 """
@@ -96,7 +96,8 @@ def reward(scene: Scene, response: str) -> Reward:
 
 
 def sft_style_is_polite(scene: Scene) -> bool:
-    return scene.shape in ("circle", "square")
+    """The SFT data's marker rule: learnable from the text alone and unrelated to what is preferred."""
+    return scene.asks == "colour"
 
 
 def _user(text: str) -> list[dict[str, str]]:
