@@ -98,15 +98,24 @@ class MoDTrainingConfig(TrainingArguments):
     kd_coef: float = field(default=1.0, metadata={"help": "Mimic: weight of KL(teacher ‖ student)."})
     ce_coef: float | None = field(default=None, metadata={"help": "Mimic: weight of the CE (None: 0 d2d, 1 d2s)."})
     kd_chunk_size: int | None = field(default=None, metadata={"help": "Mimic: positions per chunk of the KL."})
-    topk_mode: str = field(default="paper", metadata={"help": "Mimic from a cache: paper | official."})
+    topk_mode: str = field(
+        default="paper", metadata={"help": "Mimic from a cache: paper | official.", "choices": ["paper", "official"]}
+    )
     beta: float = field(default=0.1, metadata={"help": "pd: β of the preference loss."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "pd: sigmoid (DPO) | kto_pair."})
+    loss_type: str = field(
+        default="sigmoid", metadata={"help": "pd: sigmoid (DPO) | kto_pair.", "choices": ["sigmoid", "kto_pair"]}
+    )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "pd: score the data with the teacher before training, then free it."}
     )
-    trainable: str = field(default="auto", metadata={"help": "pd: trainable set auto | d2s | all."})
+    trainable: str = field(
+        default="auto", metadata={"help": "pd: trainable set auto | d2s | all.", "choices": ["auto", "d2s", "all"]}
+    )
     aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
-    balancing_convention: str = field(default="deepspeed", metadata={"help": "deepspeed (spec) | transformers."})
+    balancing_convention: str = field(
+        default="deepspeed",
+        metadata={"help": "deepspeed (spec) | transformers.", "choices": ["deepspeed", "transformers"]},
+    )
     learning_rate: float = field(default=2e-5, metadata={"help": "Initial learning rate (spec: 2e-5 mimic, 2e-6 pd)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 (None: only on a CUDA device that supports it)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
