@@ -35,7 +35,11 @@ def request_seed(seed: int, prompt: Sequence[int] | str) -> int:
 
 
 def rest_logmass(logprobs: Sequence[float]) -> float:
-    """log(1 − Σ exp(logprobs)) in float64; −inf when the ids hold all the mass (up to rounding)."""
+    """log(1 − Σ exp(logprobs)) in float64; −inf when the ids hold all the mass (up to rounding).
+
+    vLLM returns only the top-k, so the rest comes from their float32 log-probs: accurate in probability (|Δ| ~
+    1e-5 on SmolLM2-135M), not in log space when the top-k hold nearly all the mass (rest e^-15: log off by 0.26),
+    where the transformers backend's logsumexp over the other ids is exact. The top-k KD losses use 1 − Σ p too."""
     rest = 1.0 - sum(map(math.exp, logprobs))  # exp(-inf) = 0
     return math.log(rest) if rest > 0 else -math.inf
 
