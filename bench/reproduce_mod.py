@@ -72,7 +72,7 @@ def evaluate(out: Path, models: dict[str, str], n: int, seed: int = 10_000) -> d
 
 
 def run_seed(run_dir: Path, seed: int, quick: bool, full: bool, n_eval: int) -> dict:
-    stages = base_stages(seed)
+    stages = [s for s in base_stages(seed) if s.name != "teacher_rev_dpo"]  # AlignDistil's, not needed here
     if quick:
         for stage in stages:
             if stage.name in QUICK_STEPS:
