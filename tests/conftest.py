@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# One vLLM engine and one `vllm serve` process shared by every vLLM test (see tests/vllm_fixtures.py).
+pytest_plugins = ["vllm_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

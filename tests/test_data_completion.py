@@ -43,3 +43,20 @@ def test_completion_problems_name_file_row_column(tmp_path):
     assert "bad.jsonl:row 1:column completion: is empty" in text
     assert "bad.jsonl:row 2:column completion: ends with a user turn" in text
     assert "bad.jsonl:row 3:column completion: missing" in text
+
+
+@pytest.mark.parametrize(
+    "fmt, row",
+    [
+        ("prompt", {"text": "sort: b a"}),
+        ("completion", {"completion": "sure, a b"}),
+        ("ranking", {"completions": ["a", "b"], "ranking": [0, 1]}),
+    ],
+)
+def test_missing_prompt_column_is_reported_once_for_the_column(tmp_path, fmt, row):
+    path = write(tmp_path / "rows.jsonl", [row, row])
+    with pytest.raises(DataValidationError) as error:
+        load_dataset_for(path, fmt)
+    assert [str(p) for p in error.value.problems] == [
+        f"{path}:column prompt: missing column (columns found: {', '.join(sorted(row))})"
+    ]

@@ -175,7 +175,9 @@ def test_every_problem_is_listed_in_one_error(tmp_path):
 def test_validate_accepts_plain_lists_and_rejects_unknown_format():
     report = validate([GOOD], "preference")
     assert report.ok and report.form == "plain" and report.rows[0]["prompt"] == "The sky is"
-    with pytest.raises(ValueError, match="unknown dataset format 'pairs'; expected one of preference, prompt"):
+    with pytest.raises(
+        ValueError, match="unknown dataset format 'pairs'; expected one of preference, completion, prompt, ranking"
+    ):
         validate([GOOD], "pairs")
     with pytest.raises(ValueError, match="max_length needs a tokenizer"):
         validate([GOOD], "preference", max_length=8)

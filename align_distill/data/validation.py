@@ -86,6 +86,8 @@ def validate(
         if check.problems:
             report.problems.extend(check.problems)
             continue
+        if normalised is None:  # a whole column is missing: reported once for the column, not per row
+            continue
         if not has_ids:
             identifier = content_id(normalised, schema)  # before truncation, so max_length does not change ids
         if budget is not None:
@@ -179,8 +181,9 @@ def _check_row(check: _RowCheck, schema: FormatSchema, record: dict[str, Any]) -
         return _check_preference(check, record)
     if schema.name == "prompt":
         prompt = check.value(record, "prompt")
-        if prompt is not None:
-            _check_text(check, "prompt", prompt, ends_with_assistant=False)
+        if prompt is None:
+            return None
+        _check_text(check, "prompt", prompt, ends_with_assistant=False)
         return dict(record)
     if schema.name == "completion":
         return _check_completion(check, record)
@@ -193,8 +196,9 @@ def _check_completion(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any
         _check_text(check, "prompt", prompt, ends_with_assistant=False)
     if completion is not None:
         _check_text(check, "completion", completion, ends_with_assistant=True)
-    if prompt is not None and completion is not None:
-        _check_same_form(check, record, ("prompt", "completion"))
+    if prompt is None or completion is None:
+        return None
+    _check_same_form(check, record, ("prompt", "completion"))
     return dict(record)
 
 
@@ -258,6 +262,8 @@ def _check_ranking(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any] |
     prompt = check.value(record, "prompt")
     if prompt is not None:
         _check_text(check, "prompt", prompt, ends_with_assistant=False)
+    elif "prompt" in check.absent:
+        return None  # the missing column is reported once, not per row
     completions = check.value(record, "completions")
     count = None
     if completions is not None:
