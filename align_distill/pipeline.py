@@ -208,7 +208,10 @@ class Pipeline:
             path = stage.config.get("dataset_path")
             if not isinstance(path, str) or _REFERENCE.search(path):
                 continue  # produced by an earlier stage: validated when that stage's output is trained on
-            fmt = getattr(method_module(stage.target), "DATA_FORMAT", None)
+            module = method_module(stage.target)
+            fmt = getattr(module, "DATA_FORMAT", None) or getattr(module, "STAGE_FORMATS", {}).get(
+                stage.config.get("stage")
+            )
             if fmt is None:
                 continue
             try:
