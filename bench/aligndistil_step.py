@@ -9,10 +9,12 @@ Variants:
 - `naive`: what the official trainers do (specs/aligndistil.md §6.3): full `[B, L, V]` logits of all three models,
   the loss on full tensors (`bench.loss_kernels._naive_aligndistil`: probabilities, log-probabilities, teacher
   logits, products), rows selected by the mask afterwards.
-- `chunked`: `align_distill.trainers.aligndistil.batch_loss`, the trainer's own code: only the span of scored rows
-  is projected (`logits_to_keep`), the loss is `aligndistil_loss` (chunked, forward-time gradients), and the
-  teachers' logits are freed before the backward.
-- `chunked_full_logits`: the chunked loss on full logits (no `logits_to_keep`), to separate the two effects.
+- `chunked`: `align_distill.trainers.aligndistil.batch_loss`, the trainer's own code with its defaults: the three
+  forwards stop at the final hidden states, and the scored rows are projected to logits one block at a time
+  (`blockwise_lm_head`), each block going through `aligndistil_loss` (chunked, forward-time gradients).
+- `chunked_span_logits`: the same with `blockwise_lm_head=False`: the models' forwards project the span of scored
+  rows (`logits_to_keep`), the chunked loss runs on those `[B, span, V]` logits.
+- `chunked_full_logits`: the chunked loss on full logits (no `logits_to_keep`), to separate the effects.
 
 Memory: each variant runs in a fresh subprocess (the method of `bench/loss_kernels.py`): `extra_mb` = peak RSS −
 RSS after building the models and the batch, i.e. what the step adds (logits, activations, gradients). Time: median
@@ -32,7 +34,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-VARIANTS = ["naive", "chunked", "chunked_full_logits"]
+VARIANTS = ["naive", "chunked", "chunked_span_logits", "chunked_full_logits"]
 QUICK = {"seq": 256, "vocab": 8192}
 ISSUE = {"seq": 1024, "vocab": 49152}
 
@@ -70,7 +72,7 @@ def _batch(vocab: int, seq: int, response_fraction: float):
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "completion_mask": completion_mask}
 
 
-def _step_fn(name: str, student, teachers, batch, vocab: int):
+def _step_fn(name: str, student, teachers, batch, vocab: int, chunk_size: int | None = None):
     import torch
 
     from align_distill.losses import aligndistil_loss
@@ -80,8 +82,9 @@ def _step_fn(name: str, student, teachers, batch, vocab: int):
 
     settings = SimpleNamespace(
         beta=0.1, tvd_scale=10.0, eps=1e-3, tvd_half=False, variant="adaptive", ratio=None,
-        official_alignment=False, loss_chunk_size=None,
+        official_alignment=False, loss_chunk_size=chunk_size, blockwise_lm_head=None,
     )  # fmt: skip
+    span = SimpleNamespace(**{**vars(settings), "blockwise_lm_head": False})
     ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
 
     def full(model):
@@ -97,12 +100,16 @@ def _step_fn(name: str, student, teachers, batch, vocab: int):
         logits, _, mask = response_view(full(student), ids, completion)
         with torch.no_grad():
             dpo, rev = full(teachers[0])[:, :-1], full(teachers[1])[:, :-1]
-        return aligndistil_loss(logits, dpo, rev, mask)
+        return aligndistil_loss(logits, dpo, rev, mask, chunk_size=chunk_size)
 
     def chunked():
         return batch_loss(student, teachers[0], teachers[1], batch, settings, vocab)[0]
 
-    return {"naive": naive, "chunked": chunked, "chunked_full_logits": chunked_full_logits}[name]
+    def chunked_span_logits():
+        return batch_loss(student, teachers[0], teachers[1], batch, span, vocab)[0]
+
+    table = {"naive": naive, "chunked": chunked, "chunked_span_logits": chunked_span_logits}
+    return {**table, "chunked_full_logits": chunked_full_logits}[name]
 
 
 def _worker(opts: argparse.Namespace) -> dict:
@@ -114,7 +121,7 @@ def _worker(opts: argparse.Namespace) -> dict:
         torch.set_num_threads(opts.threads)
     student, teachers = _models(opts.vocab, opts.seq)
     batch = _batch(opts.vocab, opts.seq, opts.response_fraction)
-    fn = _step_fn(opts.worker, student, teachers, batch, opts.vocab)
+    fn = _step_fn(opts.worker, student, teachers, batch, opts.vocab, opts.chunk_size)
     rss_before = _rss_mb()
     t0 = time.perf_counter()
     loss = fn()
@@ -147,6 +154,8 @@ def _spawn(name: str, opts: argparse.Namespace) -> dict:
     cmd += ["--response-fraction", str(opts.response_fraction)]
     if opts.threads:
         cmd += ["--threads", str(opts.threads)]
+    if opts.chunk_size:
+        cmd += ["--chunk-size", str(opts.chunk_size)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=opts.timeout)
     if done.returncode != 0:
@@ -167,6 +176,7 @@ def _rows(opts: argparse.Namespace) -> list[dict]:
                 "seq": opts.seq,
                 "vocab": opts.vocab,
                 "response_fraction": opts.response_fraction,
+                "chunk_size": opts.chunk_size,
                 "loss": r["loss"],
                 "grad_norm": r["grad_norm"],
                 "time_s_median": median,
@@ -190,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--response-fraction", type=float, default=0.75, help="response share of the sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--chunk-size", type=int, default=None, help="loss rows per chunk (default: the library's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per variant subprocess")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

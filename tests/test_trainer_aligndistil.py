@@ -185,6 +185,33 @@ def test_official_alignment_scores_the_shifted_rows(tiny_models, teacher_pair, p
 
 
 @pytest.mark.slow
+def test_blockwise_lm_head_matches_the_models_own_logits(tiny_models, teacher_pair, pairs, tmp_path):
+    """Blockwise projection (several blocks: loss_chunk_size=5) = the forwards' logits: loss, stats and gradients."""
+    from align_distill.trainers.aligndistil import batch_loss, plain_lm_head
+
+    trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, loss_chunk_size=5)
+    assert all(plain_lm_head(m) for m in (trainer.model, trainer.dpo_model, trainer.rev_dpo_model))
+    batch = _first_batch(trainer)
+    results = {}
+    for blockwise in (True, False):
+        trainer.args.blockwise_lm_head = blockwise
+        trainer.model.zero_grad()
+        loss, stats, rows = batch_loss(
+            trainer.model, trainer.dpo_model, trainer.rev_dpo_model, batch, trainer.args, trainer.vocab_size
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+        results[blockwise] = (loss.detach(), {k: v.detach() for k, v in stats.items()}, grads)
+    assert rows.sum() > 5  # several blocks
+    (loss_b, stats_b, grads_b), (loss_f, stats_f, grads_f) = results[True], results[False]
+    torch.testing.assert_close(loss_b, loss_f, rtol=1e-5, atol=1e-8)
+    for key in stats_f:
+        torch.testing.assert_close(torch.as_tensor(stats_b[key]), stats_f[key], rtol=1e-5, atol=1e-7)
+    for name in grads_f:
+        torch.testing.assert_close(grads_b[name], grads_f[name], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.slow
 def test_on_policy_rollouts_sync_weights_and_train(tiny_models, teacher_pair, pairs, tmp_path):
     trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, on_policy=True, rollout_sync_steps=2)
     student = trainer.model

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from align_distill.losses import aligndistil_loss
+from align_distill.losses import aligndistil_loss, masked_mean
+from align_distill.losses.divergence import default_chunk_size
 from align_distill.methods.common import default_precision
 from align_distill.trainers.common import prepare_frozen
 
@@ -78,6 +79,11 @@ class AlignDistilConfig(SFTConfig):
             the rows that predict the response tokens (P-1..P+|y|-2). For parity runs only.
         loss_chunk_size (`int`, *optional*):
             Positions per chunk of the full-vocabulary loss; default about 16 MiB of float32 per intermediate.
+        blockwise_lm_head (`bool`, *optional*):
+            Project the three models' final hidden states to logits one block of scored rows at a time, so that no
+            `[rows, V]` logits of the whole batch ever exist (the loss keeps only its per-row gradients). `None`
+            (default): on when every LM head is a plain linear layer without logit scaling or soft-capping;
+            `False`: the models' own forwards compute the logits of the scored span.
 
         > Parameters that control on-policy rollouts (specs/aligndistil.md §5.2)
 
@@ -123,6 +129,10 @@ class AlignDistilConfig(SFTConfig):
         default=False, metadata={"help": "Score rows P..P+|y|-1 (official shifted mask) instead of P-1..P+|y|-2."}
     )
     loss_chunk_size: int | None = field(default=None, metadata={"help": "Positions per full-vocabulary chunk."})
+    blockwise_lm_head: bool | None = field(
+        default=None,
+        metadata={"help": "Project scored rows to logits one block at a time (None: when the LM head allows)."},
+    )
     # on-policy
     on_policy: bool = field(default=False, metadata={"help": "Train on student rollouts instead of chosen responses."})
     rollout_backend: str = field(
@@ -292,12 +302,76 @@ def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- loss of one batch --------------------------------------------------------------------------------------------
 
+# Config attributes that change logits after the LM head (soft-capping, scales): the blockwise path would miss them.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DeepSpeed wrappers (PEFT models answer `get_output_embeddings` themselves)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def plain_lm_head(model: torch.nn.Module) -> bool:
+    """Whether logits are exactly `get_output_embeddings()(final hidden state)`: a linear head, no transforms."""
+    model = _inner(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return isinstance(head, torch.nn.Linear) and all(getattr(config, k, None) is None for k in _LOGIT_TRANSFORMS)
+
+
+@contextlib.contextmanager
+def _final_hidden(model: torch.nn.Module):
+    """Capture the LM head's input (the final hidden states of the kept rows) and give the head zero rows instead,
+    so the model's forward — through whatever wrapper — builds no logits at all."""
+    head = _inner(model).get_output_embeddings()
+    captured: dict[str, torch.Tensor] = {}
+
+    def pre_hook(module, args):
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield captured, head
+    finally:
+        handle.remove()
+
 
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab_size: int):
     out = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
     )
     return out.logits[..., :vocab_size]  # a padded head's extra rows are no tokens
+
+
+def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor):
+    with _final_hidden(model) as (captured, head):
+        model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+        )
+    return captured["hidden"], head
+
+
+def _loss_settings(args: Any) -> dict[str, Any]:
+    theorem1 = args.variant == "theorem1"
+    return dict(
+        beta0=args.beta,
+        tvd_scale=args.tvd_scale,
+        eps=args.eps,
+        tvd_half=args.tvd_half,
+        variant=args.variant,
+        ratio=args.ratio,
+        chunk_size=args.loss_chunk_size,
+        return_stats=True,
+    ), theorem1
 
 
 def batch_loss(
@@ -313,8 +387,9 @@ def batch_loss(
     `batch` holds `input_ids`, `attention_mask` and the response tokens as `completion_mask` (or SFT `labels`,
     -100 outside the response). `second_model` is the reverse-DPO model (the SFT reference for `theorem1`).
     `args` carries the loss settings of `AlignDistilConfig` (beta, tvd_scale, eps, tvd_half, variant, ratio,
-    official_alignment, loss_chunk_size). The three forwards project only the span of scored rows, and the
-    teachers' logits are freed when this returns: the chunked loss keeps only per-row gradients for the backward.
+    official_alignment, loss_chunk_size, blockwise_lm_head). The forwards project only the span of scored rows
+    (`logits_to_keep`); blockwise (see `AlignDistilConfig.blockwise_lm_head`) they project no row at all and the
+    logits are made here, one block of scored rows at a time, and reduced by `masked_mean` like the loss does.
     """
     if "completion_mask" in batch:
         completion_mask = batch["completion_mask"].bool()
@@ -322,27 +397,57 @@ def batch_loss(
         completion_mask = batch["labels"] != -100
     rows = scored_rows(completion_mask & batch["attention_mask"].bool(), args.official_alignment)
     keep = kept_positions(rows)
-    student_logits = _logits(student, batch, keep, vocab_size)
-    with torch.no_grad():
-        dpo_logits = _logits(dpo_model, batch, keep, vocab_size)
-        second_logits = _logits(second_model, batch, keep, vocab_size)
-    theorem1 = args.variant == "theorem1"
-    loss, stats = aligndistil_loss(
-        student_logits,
-        dpo_logits,
-        None if theorem1 else second_logits,
-        rows[:, keep],
-        beta0=args.beta,
-        tvd_scale=args.tvd_scale,
-        eps=args.eps,
-        tvd_half=args.tvd_half,
-        variant=args.variant,
-        ratio=args.ratio,
-        ref_logits=second_logits if theorem1 else None,
-        chunk_size=args.loss_chunk_size,
-        return_stats=True,
+    mask = rows[:, keep]
+    settings, theorem1 = _loss_settings(args)
+    blockwise = getattr(args, "blockwise_lm_head", None)
+    models = (student, dpo_model, second_model)
+    if blockwise is None:
+        blockwise = all(plain_lm_head(m) for m in models)
+    if not blockwise or not mask.any():
+        student_logits = _logits(student, batch, keep, vocab_size)
+        with torch.no_grad():
+            dpo_logits = _logits(dpo_model, batch, keep, vocab_size)
+            second_logits = _logits(second_model, batch, keep, vocab_size)
+        loss, stats = aligndistil_loss(
+            student_logits,
+            dpo_logits,
+            None if theorem1 else second_logits,
+            mask,
+            ref_logits=second_logits if theorem1 else None,
+            **settings,
+        )
+        return loss, stats, rows
+
+    hidden, heads = zip(_hidden(student, batch, keep), *[_frozen_hidden(m, batch, keep) for m in models[1:]])
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    block = args.loss_chunk_size or default_chunk_size(vocab_size)
+    values, stats = [], {}
+    for start in range(0, b_idx.numel(), block):
+        b, t = b_idx[start : start + block], t_idx[start : start + block]
+        student_logits = heads[0](hidden[0][b, t])[None, :, :vocab_size]
+        with torch.no_grad():
+            dpo_logits, second_logits = (head(h[b, t])[None, :, :vocab_size] for h, head in zip(hidden[1:], heads[1:]))
+        part, part_stats = aligndistil_loss(
+            student_logits,
+            dpo_logits,
+            None if theorem1 else second_logits,
+            torch.ones_like(b, dtype=torch.bool)[None],
+            ref_logits=second_logits if theorem1 else None,
+            reduction="none",
+            **settings,
+        )
+        values.append(part[0])
+        for key, value in part_stats.items():  # token means: weight each block by its share of the tokens
+            stats[key] = stats.get(key, 0.0) + value * (b.numel() / b_idx.numel())
+    per_token = torch.zeros(mask.shape, dtype=values[0].dtype, device=mask.device).index_put(
+        (b_idx, t_idx), torch.cat(values)
     )
-    return loss, stats, rows
+    return masked_mean(per_token, mask, "sequence_mean"), stats, rows
+
+
+def _frozen_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor):
+    with torch.no_grad():
+        return _hidden(model, batch, keep)
 
 
 # ---- trainer ------------------------------------------------------------------------------------------------------
