@@ -20,10 +20,15 @@ def _train(argv: list[str]) -> int:
         return 0
     from trl import TrlParser
 
+    from align_distill.distributed import init_cpu_process_group
+
+    init_cpu_process_group()  # before the training arguments: a CPU-only box needs an explicit gloo group
     module = method_module(argv[0])
     parser = TrlParser(module.DATACLASSES, prog=f"align-distill train {argv[0]}")
     parsed = parser.parse_args_and_config(args=argv[1:])
-    module.main(*parsed)
+    from align_distill.hub import train_and_publish
+
+    train_and_publish(argv[0], module, parsed)
     return 0
 
 
@@ -55,7 +60,25 @@ def _data(args: argparse.Namespace) -> int:
     return validate_command(args.path, args.format, tokenizer_path=args.tokenizer, max_length=args.max_length)
 
 
+def _push(args: argparse.Namespace) -> int:
+    from align_distill.hub import push_command
+
+    return push_command(
+        args.run_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        stage=args.stage,
+        commit_message=args.commit_message,
+        base_model=args.base_model,
+    )
+
+
 def _models(args: argparse.Namespace) -> int:
+    if args.models_command == "merge":
+        from align_distill.hub import merge_command
+
+        return merge_command(args.adapter, args.out_dir, base=args.base, dtype=args.dtype)
     if args.models_command == "shrink":
         from align_distill.models import shrink_command
 
@@ -103,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-length", type=int, default=None)
     p.set_defaults(handler=_data)
 
+    p = sub.add_parser("push", help="upload a trained student (adapter or model) with its model card to the Hub")
+    p.add_argument("run_dir", help="pipeline run folder, one stage folder, or a training output_dir")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME of the model repository")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to push to (created from main when missing)")
+    p.add_argument(
+        "--stage", default=None, help="pipeline stage to publish (default: the last finished training stage)"
+    )
+    p.add_argument("--base-model", default=None, help="hub id to record as an adapter's base model")
+    p.add_argument("--commit-message", default=None)
+    p.set_defaults(handler=_push)
+
     p = sub.add_parser("models", help="model tools: import a GGUF checkpoint, drop layers to make a student")
     models_sub = p.add_subparsers(dest="models_command", required=True)
     g = models_sub.add_parser("import-gguf", help="dequantise a GGUF file once into safetensors + tokenizer")
@@ -112,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("out_dir")
     s.add_argument("--keep-layers", required=True, help='e.g. "0,1,5" or "0-3,7"')
+    m = models_sub.add_parser("merge", help="fold a LoRA adapter into its base model: full safetensors weights")
+    m.add_argument("adapter")
+    m.add_argument("out_dir")
+    m.add_argument(
+        "--base", default=None, help="base model folder or id (default: the adapter's base_model_name_or_path)"
+    )
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.set_defaults(handler=_models)
     return parser
 

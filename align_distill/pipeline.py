@@ -256,7 +256,9 @@ def _run_train(stage: Stage, config: dict[str, Any], out: Path) -> Any:
         parsed = HfArgumentParser(module.DATACLASSES).parse_dict(config, allow_extra_keys=False)
     except ValueError as error:
         raise PipelineError(f"stage {stage.name!r} ({stage.target}): {error}") from error
-    return module.main(*parsed)
+    from align_distill.hub import train_and_publish
+
+    return train_and_publish(stage.target, module, parsed)
 
 
 def _run_generate(stage: Stage, config: dict[str, Any], out: Path) -> Any:

@@ -121,7 +121,7 @@ class MoDTrainingConfig(TrainingArguments):
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Warm-up fraction of the steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the data's columns (ids, images)."})
-    report_to: Any = field(default="none", metadata={"help": "Loggers to report to."})
+    report_to: str | None = field(default="none", metadata={"help": "Loggers to report to (none, tensorboard, ...)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
 
     def __post_init__(self) -> None:
@@ -248,7 +248,7 @@ def build_trainer(
 def main(
     data_args: DataArguments, mod_args: MoDArguments, training_args: MoDTrainingConfig, model_args: ModelConfig
 ) -> dict:
-    from align_distill.models.moe import moe_parameter_counts
+    from align_distill.models.moe import moe_parameter_counts, parameter_numel
 
     trainer = build_trainer(data_args, mod_args, training_args, model_args)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -260,7 +260,7 @@ def main(
         stage=mod_args.stage,
         total_parameters=counts["total"],
         activated_parameters=counts["activated"],
-        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_parameters=sum(parameter_numel(p) for p in model.parameters() if p.requires_grad),
     )
     return metrics
 

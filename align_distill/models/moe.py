@@ -190,13 +190,18 @@ def upcycle_to_moe(
     return moe
 
 
+def parameter_numel(parameter: torch.Tensor) -> int:
+    """Full size of a parameter, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
 def moe_parameter_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters and those activated per token: a token uses `top_k` of the `num_experts` experts.
 
     Tied weights count once. Experts are the fused `*Experts` modules of transformers MoE models (3-D weights with
     the expert index first); a dense model gives total == activated.
     """
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(parameter_numel(p) for p in model.parameters())
     inactive = 0
     config = getattr(model, "config", None)
     top_k = getattr(getattr(config, "text_config", config), "num_experts_per_tok", None)
@@ -204,7 +209,7 @@ def moe_parameter_counts(model: nn.Module) -> dict[str, int]:
         if type(module).__name__.endswith("Experts") and hasattr(module, "num_experts"):
             if top_k is None:
                 raise ValueError(f"{type(model).__name__} has MoE experts but its config has no num_experts_per_tok")
-            per_expert = sum(p.numel() for p in module.parameters(recurse=False)) // module.num_experts
+            per_expert = sum(parameter_numel(p) for p in module.parameters(recurse=False)) // module.num_experts
             inactive += (module.num_experts - top_k) * per_expert
     return {"total": total, "activated": total - inactive}
 

@@ -102,10 +102,13 @@ def slice_logits_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor
 
 
 def model_head_size(model: torch.nn.Module) -> int:
-    """Rows of the output head (what the logits' last dimension will be), falling back to config.vocab_size."""
+    """Rows of the output head (what the logits' last dimension will be), falling back to config.vocab_size.
+
+    Under DeepSpeed ZeRO-3 the local weight is an empty placeholder; its full shape is `ds_shape`.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
+        return int(getattr(head.weight, "ds_shape", head.weight.shape)[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
 

@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from align_distill.losses import kd_loss, masked_mean, moe_balancing_loss, topk_kd_loss
 from align_distill.losses.divergence import chunked_token_map
-from align_distill.models.moe import PROJECTOR_NAMES, set_d2s_trainable
+from align_distill.models.moe import PROJECTOR_NAMES, parameter_numel, set_d2s_trainable
 from align_distill.models.vocab import slice_logits_to_vocab
 
 from .common import prepare_frozen, response_view, scatter_rows
@@ -128,8 +128,8 @@ def set_d2d_trainable(model: nn.Module) -> list[str]:
 def set_stage_trainable(model: nn.Module, stage: str) -> list[str]:
     """Apply the spec's trainable set of `stage` (`d2d`, or `d2s` / `pd`) to `model` and return the names."""
     names = set_d2d_trainable(model) if stage == "d2d" else set_d2s_trainable(model)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_numel(p) for p in model.parameters())
+    trainable = sum(parameter_numel(p) for p in model.parameters() if p.requires_grad)
     logger.info("%s: %d of %d parameters trainable (%.1f%%)", stage, trainable, total, 100 * trainable / total)
     return names
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Union
 
 Messages = list[dict[str, str]]
 # A prompt is either plain text (used verbatim) or a conversation (the chat template is applied with
 # add_generation_prompt=True).
-Prompt = Union[str, Messages]
+Prompt = str | Messages
 
 
 @dataclass(frozen=True)

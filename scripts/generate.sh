@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Run one data-generation job (`align-distill generate JOB --config JOB.yaml`) across nodes and GPUs.
+#
+#   scripts/generate.sh JOB JOB.yaml [--key value ...]        JOB: sample | rollout | signals | rank | pairs
+#
+# Run the same command on every node; only NODE_RANK differs. Every engine writes its own part of ONE store
+# (the job's output_dir, which must be on a filesystem all nodes share): engine i of node r is part
+# r * ENGINES_PER_NODE + i of NNODES * ENGINES_PER_NODE. Parts are disjoint, contiguous slices of the input and
+# resume independently; readers (`load_store`, training) see the whole store once every part is complete.
+# Environment:
+#   NNODES            number of nodes (1)
+#   NODE_RANK         this node's rank, 0..NNODES-1 (0)
+#   TP                vLLM tensor_parallel_size of each engine (unset: the config's value)
+#   ENGINES_PER_NODE  engines started on this node, each on its own TP GPUs (1)
+#   DRY_RUN=1         print the commands instead of running them
+#
+# Examples:
+#   NNODES=4 NODE_RANK=$RANK TP=8 scripts/generate.sh rollout configs/adpa_rollout.yaml
+#   ENGINES_PER_NODE=4 TP=2 scripts/generate.sh signals configs/dckd_signals.yaml   # 4 engines x 2 GPUs
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+JOB=$1
+CONFIG=$2
+shift 2
+[ -f "$CONFIG" ] || { echo "generate.sh: config $CONFIG not found" >&2; exit 2; }
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+ENGINES_PER_NODE=${ENGINES_PER_NODE:-1}
+NUM_PARTS=$((NNODES * ENGINES_PER_NODE))
+
+# Where the job keeps its model(s): tensor_parallel_size goes into each one's backend_kwargs.
+TP_ARGS=()
+if [ -n "${TP:-}" ]; then
+    case "$JOB" in
+        sample | rollout) TP_ARGS=(--backend_kwargs.tensor_parallel_size "$TP") ;;
+        rank) TP_ARGS=(--judge.backend_kwargs.tensor_parallel_size "$TP") ;;
+        signals)
+            TEACHERS=$(python -c 'import sys, yaml; print(len((yaml.safe_load(open(sys.argv[1])) or {}).get("teachers") or []))' "$CONFIG")
+            for ((t = 0; t < TEACHERS; t++)); do
+                TP_ARGS+=("--teachers.$t.backend_kwargs.tensor_parallel_size" "$TP")
+            done
+            ;;
+        pairs) ;;  # no model
+        *) echo "generate.sh: unknown job $JOB (sample, rollout, signals, rank, pairs)" >&2; exit 2 ;;
+    esac
+fi
+
+run() {
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        printf '%q ' "$@"
+        echo
+    else
+        "$@"
+    fi
+}
+
+pids=()
+for ((engine = 0; engine < ENGINES_PER_NODE; engine++)); do
+    PART=$((NODE_RANK * ENGINES_PER_NODE + engine))
+    CMD=(align-distill generate "$JOB" --config "$CONFIG" --part "$PART" --num-parts "$NUM_PARTS" ${TP_ARGS[@]+"${TP_ARGS[@]}"} "$@")
+    if [ "$ENGINES_PER_NODE" -gt 1 ]; then
+        # engine i sees GPUs [i*TP, (i+1)*TP)
+        first=$((engine * ${TP:-1}))
+        GPUS=$(seq -s, "$first" $((first + ${TP:-1} - 1)))
+        CMD=(env CUDA_VISIBLE_DEVICES="$GPUS" "${CMD[@]}")
+        if [ "${DRY_RUN:-0}" = 1 ]; then
+            run "${CMD[@]}"
+        else
+            "${CMD[@]}" &
+            pids+=($!)
+        fi
+    else
+        run "${CMD[@]}"
+    fi
+done
+status=0
+for pid in ${pids[@]+"${pids[@]}"}; do
+    wait "$pid" || status=$?
+done
+exit $status

@@ -1,0 +1,202 @@
+"""One process of a distributed test run: train each requested method through the CLI and report what it saw.
+
+    torchrun --nproc_per_node 2 tests/distributed_worker.py SPEC.json     # DDP / ZeRO-2 / ZeRO-3 (spec["mode"])
+    python tests/distributed_worker.py SPEC.json                          # the single-process reference
+
+Each method runs `align-distill train METHOD --config <yaml>` (the user's path), one after another in the same
+process group. The trainer is captured when `train` starts; afterwards every rank writes
+`<out>/<method>/rank<R>.json` with the process count accelerate and the trainer saw, the logged losses, and how
+ZeRO holds the student's parameters and optimizer state and the frozen models (teacher / reference).
+
+Adding a distillation trainer to the distributed tests is one entry in `CASES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class Case(NamedTuple):
+    """A method's tiny distributed run: its dataset file, recipe keys, and the trainer attributes holding its
+    frozen models (teachers / references). "{teacher}" / "{student}" are the tiny model folders, "{data}" the data
+    folder; the student is the trained model in every case."""
+
+    data: str
+    keys: dict[str, Any] = {}
+    frozen: tuple[str, ...] = ()
+
+
+LIVE_TEACHER = {"teacher_mode": "live", "teacher_model_name_or_path": "{teacher}"}
+CASES: dict[str, Case] = {
+    "sft": Case("sft.jsonl"),
+    "dpo": Case("pairs.jsonl", {"beta": 0.1}, ("ref_model",)),
+    "dckd": Case("pairs.jsonl", LIVE_TEACHER, ("teacher",)),
+    "adpa": Case(
+        "responses.jsonl",
+        {**LIVE_TEACHER, "reference_model_name_or_path": "{student}", "preference_path": "{data}/pairs.jsonl"},
+        ("teacher", "reference"),
+    ),
+    "aligndistil": Case(
+        "pairs.jsonl",
+        {"dpo_model_path": "{teacher}", "rev_dpo_model_path": "{student}"},
+        ("dpo_model", "rev_dpo_model"),
+    ),
+    "mod": Case("sft.jsonl", {"stage": "d2d", "teacher_model_name_or_path": "{teacher}"}, ("teacher_model",)),
+}
+
+# Recipe keys shared by every case: a fixed, sequential data order so that one process with batch 2B sees the same
+# global batches as two processes with batch B; fp32; nothing saved but the final model.
+COMMON: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "bf16": False,
+    "max_length": 64,
+    "seed": 0,
+    "train_sampling_strategy": "sequential",
+    "dataloader_num_workers": 0,
+    "dataloader_pin_memory": False,
+    "gradient_checkpointing": False,
+    "disable_tqdm": True,
+}
+
+
+def recipe(spec: dict[str, Any], method: str) -> dict[str, Any]:
+    data_file, keys, _ = CASES[method]
+    models = spec["models"]
+    keys = {k: v.format(**models, data=spec["data"]) if isinstance(v, str) else v for k, v in keys.items()}
+    config = {
+        **COMMON,
+        "model_name_or_path": models["student"],
+        "dataset_path": str(Path(spec["data"]) / data_file),
+        "output_dir": str(Path(spec["out"]) / method / "model"),
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["batch"],
+        **keys,
+    }
+    if spec.get("deepspeed"):
+        config["deepspeed"] = spec["deepspeed"]
+    return config
+
+
+def zero_report(trainer: Any) -> dict[str, Any]:
+    """How the student's parameters and optimizer state are held (ZeRO stage, local vs full sizes)."""
+    engine = trainer.model_wrapped
+    report: dict[str, Any] = {"wrapper": type(engine).__name__}
+    if not hasattr(engine, "zero_optimization_stage"):
+        return report
+    report["stage"] = engine.zero_optimization_stage()
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    report["trainable_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    if report["stage"] == 3:
+        report["params"] = param_partition(engine.module)
+        flat = engine.optimizer.fp32_partitioned_groups_flat
+    else:
+        flat = engine.optimizer.single_partition_of_fp32_groups
+    report["optimizer_local_numel"] = sum(t.numel() for t in flat)
+    return report
+
+
+def param_partition(module: Any) -> dict[str, Any]:
+    """ZeRO-3 bookkeeping of a module's parameters: full sizes (ds_numel), this rank's shard, what is visible."""
+    params = list(module.parameters())
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    return {
+        "count": len(params),
+        "zero3": len(partitioned),
+        "ds_numel": sum(p.ds_numel for p in partitioned),
+        "local_numel": sum(p.ds_tensor.numel() for p in partitioned),
+        "visible_numel": sum(p.numel() for p in params),
+        "largest_ds_numel": max((p.ds_numel for p in partitioned), default=0),
+        "largest_local_numel": max((p.ds_tensor.numel() for p in partitioned), default=0),
+        "status": sorted({p.ds_status.name for p in partitioned}),
+    }
+
+
+def frozen_report(model: Any) -> dict[str, Any]:
+    module = getattr(model, "module", model)
+    report = {"type": type(model).__name__, "trainable": sum(p.requires_grad for p in module.parameters())}
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        report["params"] = param_partition(module)
+    return report
+
+
+def run_method(spec: dict[str, Any], method: str, captured: list[Any]) -> dict[str, Any]:
+    import yaml
+    from accelerate import PartialState
+
+    from align_distill.cli import main as cli_main
+
+    config = recipe(spec, method)
+    path = Path(spec["out"]) / method / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        path.write_text(yaml.safe_dump(config))
+    _barrier()
+    captured.clear()
+    code = cli_main(["train", method, "--config", str(path)])
+    trainer = captured[-1]
+    state = PartialState()
+    return {
+        "exit_code": code,
+        "partial_state": {
+            "num_processes": state.num_processes,
+            "process_index": state.process_index,
+            "distributed_type": str(state.distributed_type),
+            "backend": state.backend,
+        },
+        "trainer": {
+            "num_processes": trainer.accelerator.num_processes,
+            "world_size": trainer.args.world_size,
+            "is_deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
+            "train_batch_size": trainer._train_batch_size,
+        },
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "zero": zero_report(trainer),
+        "frozen": {name: frozen_report(getattr(trainer, name)) for name in CASES[method].frozen},
+    }
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    from transformers import Trainer
+
+    from align_distill.distributed import init_cpu_process_group
+
+    init_cpu_process_group()
+    captured: list[Any] = []
+    original_train = Trainer.train
+
+    def train(self, *args, **kwargs):
+        captured.append(self)
+        return original_train(self, *args, **kwargs)
+
+    Trainer.train = train
+    rank = int(os.environ.get("RANK", "0"))
+    for method in spec["methods"]:
+        try:
+            result = run_method(spec, method, captured)
+        except BaseException:  # SystemExit too: report it and go on, the other methods' results still count
+            result = {"error": traceback.format_exc()}
+        out = Path(spec["out"]) / method / f"rank{rank}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return 0  # failures are in the result files, where the test reads them per method
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
