@@ -402,13 +402,14 @@ def test_cli_trains_one_cycle_from_the_yaml_recipe(tiny_models, tmp_path):
     from align_distill import synthetic
     from align_distill.cli import main
 
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic.prompt_rows(4, seed=5)))
+    data = tmp_path / "pairs.jsonl"
+    pairs = synthetic.preference_rows(4, seed=5)
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     out = tmp_path / "out"
     overrides = {
         "model_name_or_path": tiny_models["student"], "dataset_path": data, "output_dir": out, "cycles": 1,
         "prompts_per_cycle": 4, "num_responses": 2, "max_new_tokens": 6, "max_steps": 1, "save_strategy": "no",
-        "disable_tqdm": "true", "training_target": "agreement",
+        "disable_tqdm": "true", "training_target": "agreement", "dataset_responses": "true",
     }  # fmt: skip
     argv = ["train", "cyclealign", "--config", "configs/cyclealign_quickstart.yaml"]
     argv += [part for key, value in overrides.items() for part in (f"--{key}", str(value))]
@@ -417,5 +418,9 @@ def test_cli_trains_one_cycle_from_the_yaml_recipe(tiny_models, tmp_path):
     [metrics] = json.loads((out / "cycle_metrics.json").read_text())
     assert metrics["prompts"] == 4 and metrics["black_box_failures"] == 0  # noise-free, no failure rate
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()  # the final white box
-    for row in map(json.loads, (out / "cycle_1" / "rankings.jsonl").read_text().splitlines()):
+    rows = {r["id"]: r for r in map(json.loads, (out / "cycle_1" / "rankings.jsonl").read_text().splitlines())}
+    for pair in pairs:  # the data's own responses are ranked next to the (up to 2) samples
+        row = rows[pair["id"]]
         assert row["target"] == row["agreement"]
+        assert pair["chosen"] in row["completions"] and pair["rejected"] in row["completions"]
+        assert len(row["completions"]) <= 4

@@ -34,7 +34,8 @@ def main(data_args: DataArguments, training_args: CycleAlignConfig, model_args: 
     if not training_args.black_box:
         raise SystemExit("align-distill train cyclealign: set `black_box` (kind: llm | noisy_oracle | ...)")
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
-    prompts, _ = load_method_dataset(data_args, DATA_FORMAT, tokenizer, None, ("id", "prompt"))
+    columns = ("id", "prompt", "chosen", "rejected") if training_args.dataset_responses else ("id", "prompt")
+    prompts, _ = load_method_dataset(data_args, DATA_FORMAT, tokenizer, None, columns)
     dtype = model_args.dtype or "auto"
 
     def loader(path: str):
@@ -52,19 +53,24 @@ def main(data_args: DataArguments, training_args: CycleAlignConfig, model_args: 
 
 def quickstart_stages(seed: int) -> list[Stage]:
     """The quickstart's CycleAlign student: from the SFT student, 3 cycles against a noisy oracle (the synthetic
-    task's ground-truth reward + Gaussian noise, 5 % unparsable answers) standing in for an imperfect LLM judge."""
+    task's ground-truth reward + Gaussian noise, 5 % unparsable answers) standing in for an imperfect LLM judge.
+
+    The candidates are the white box's samples plus each prompt's chosen/rejected pair from the data (spec §9.7's
+    option): the tiny SFT student answers with one style marker per prompt almost deterministically, so its own
+    samples alone give the black box nothing to prefer (measured: see docs/cyclealign.md)."""
     from align_distill.quickstart import COMMON
 
     config = {
         **COMMON,
         "model_name_or_path": "${student_sft}",
-        "dataset_path": "${data}/prompts.jsonl",
+        "dataset_path": "${data}/pairs.jsonl",
+        "dataset_responses": True,
         "cycles": 3,
         "prompts_per_cycle": 128,
         "num_responses": 4,
         "oversample": 2,
-        "temperature": 1.0,
-        "top_p": 1.0,
+        "temperature": 0.7,
+        "top_p": 0.9,
         "max_new_tokens": 24,
         "generation_batch_size": 128,
         "black_box": {

@@ -44,6 +44,7 @@ from align_distill.trainers.common import response_view
 logger = logging.getLogger(__name__)
 
 TARGETS = ("black_box", "agreement")
+DATASET_RESPONSES = ("chosen", "rejected")
 
 
 @dataclass
@@ -67,6 +68,10 @@ class CycleAlignConfig(TrainingArguments):
             Longest sampled response.
         generation_batch_size (`int`, defaults to `32`):
             Sequences per generation / likelihood-scoring batch of the white box.
+
+        dataset_responses (`bool`, defaults to `False`):
+            Also put each prompt's `chosen` / `rejected` responses from the data (a preference dataset) among the
+            candidates, after the N samples (spec §9.7, an open question; the paper ranks model samples only).
 
         > Parameters that control the black box and the demonstrations
 
@@ -157,6 +162,10 @@ class CycleAlignConfig(TrainingArguments):
     max_length: int | None = field(default=512, metadata={"help": "Longest prompt + response when training."})
     reward_function: str | None = field(
         default=None, metadata={"help": "module:function ground-truth reward, for logging only."}
+    )
+    dataset_responses: bool = field(
+        default=False,
+        metadata={"help": "Also rank the data's own chosen/rejected responses next to the samples (spec §9.7)."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow models and tokenizers that ship their own Python code."}
@@ -520,6 +529,18 @@ class CycleAlign:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(identity, indent=2, default=str))
 
+    def _dataset_responses(self, prompts: list[dict]) -> dict[str, list]:
+        """With `dataset_responses`, each prompt's own responses in the data (spec §9.7), by prompt id."""
+        columns = [c for c in DATASET_RESPONSES if c in self.prompts.column_names]
+        if not self.args.dataset_responses or not columns:
+            return {}
+        wanted = {row["id"] for row in prompts}
+        found: dict[str, list] = {}
+        for row in self.prompts.select_columns(["id", *columns]):
+            if row["id"] in wanted:
+                found[row["id"]] = [row[c] for c in columns if row[c] is not None]
+        return found
+
     def _ensure_model(self, source: str) -> PreTrainedModel:
         if self.model is None or self.model_source != source:
             logger.info("cyclealign: loading the white box from %s", source)
@@ -582,9 +603,11 @@ class CycleAlign:
             "progress": False,
         }
         samples = load_store(run_rollout(rollout, generator=generator)).to_list()
+        extra = self._dataset_responses(prompts)
         candidates = []
         for row in samples:
             distinct = _distinct(row["completions"], args.num_responses)
+            distinct += [r for r in _distinct(extra.get(row["id"], []), len(DATASET_RESPONSES)) if r not in distinct]
             if len(distinct) >= 2:
                 candidates.append({"id": row["id"], "prompt": row["prompt"], "completions": distinct})
         metrics["prompts"] = len(prompts)
