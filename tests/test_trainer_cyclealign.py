@@ -324,6 +324,10 @@ class Interrupt(TrainerCallback):
 class StepRecorder(TrainerCallback):
     def __init__(self):
         self.steps: list[tuple[str, int]] = []
+        self.logged: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append(dict(logs or {}))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps.append((Path(args.output_dir).parent.name, state.global_step))
@@ -368,6 +372,8 @@ def test_cycle_loop_writes_every_cycle_and_resumes_at_the_interrupted_cycle_and_
     printed = capsys.readouterr().out
     assert "cycle 1/2 done, skipped" in printed and "resuming training from" in printed
     assert recorder.steps == [("cycle_2", 3)]  # cycle 1 not retrained; cycle 2 went on from checkpoint-2
+    cycle_log = [log for log in recorder.logged if "cyclealign/agreement_tau" in log]  # to the trainer's loggers
+    assert len(cycle_log) == 1 and "cyclealign/black_box_failures" in cycle_log[0]
     assert {p: p.stat().st_mtime_ns for p in cycle_1_files} == cycle_1_files  # cycle 1 untouched
     assert {p: p.stat().st_mtime_ns for p in samples_2} == samples_2  # cycle 2's samples not regenerated
 
@@ -389,6 +395,8 @@ def test_cycle_loop_writes_every_cycle_and_resumes_at_the_interrupted_cycle_and_
     pool_1 = json.loads((run / "cycle_1" / "pool.json").read_text())["entries"]
     assert json.loads((run / "cycle_2" / "demonstrations.json").read_text())["entries"] == pool_1
     assert json.loads((run / "cycle_metrics.json").read_text()) == history
+    state = json.loads((run / "cycle_2" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert any("rank_loss" in h and "top1_accuracy" in h for h in state["log_history"])
     # the final white box is cycle 2's model
     final = load_model(run / "cycle_2" / "model", dtype="float32")
     assert all(torch.equal(a, b) for a, b in zip(final.parameters(), resumed.model.parameters()))

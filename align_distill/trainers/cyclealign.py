@@ -663,7 +663,7 @@ class CycleAlign:
         ]
         metrics["training_prompts"] = len(train_rows)
         if train_rows:
-            metrics.update(self._train(cycle, model, train_rows))
+            metrics.update(self._train(cycle, model, train_rows, metrics))
         else:
             logger.warning("cyclealign: cycle %d has no ranked prompt to train on; the white box is unchanged", cycle)
         self._save_model(model, folder / "model")
@@ -675,7 +675,8 @@ class CycleAlign:
         print(_summary(metrics, args.cycles), flush=True)
         return metrics
 
-    def _train(self, cycle: int, model: PreTrainedModel, rows: list[dict]) -> dict[str, Any]:
+    def _train(self, cycle: int, model: PreTrainedModel, rows: list[dict], cycle_metrics: dict) -> dict[str, Any]:
+        """PRO training on the cycle's ranked rows; the cycle's metrics go to the trainer's loggers too."""
         args = copy.copy(self.args)
         args.output_dir = str(self.cycle_dir(cycle) / "checkpoints")
         trainer = CycleAlignTrainer(
@@ -694,6 +695,8 @@ class CycleAlign:
         history = [h for h in trainer.state.log_history if "rank_loss" in h]
         if history:
             metrics.update({k: history[-1][k] for k in ("rank_loss", "sft_nll", "top1_accuracy") if k in history[-1]})
+        numbers = {**cycle_metrics, **metrics}
+        trainer.log({f"cyclealign/{k}": float(v) for k, v in numbers.items() if isinstance(v, (int, float))})
         return metrics
 
     def _save_model(self, model: PreTrainedModel, target: Path) -> None:
