@@ -109,7 +109,7 @@ def quickstart_stages_on(seed: int) -> list[Stage]:
     """On-policy AlignDistil with transformers rollouts of the student (stage `aligndistil_on`)."""
     config = {
         **QUICKSTART_COMMON,
-        "max_steps": 40,
+        "max_steps": 60,
         "tvd_scale": 15.0,
         "on_policy": True,
         "max_new_tokens": 16,
