@@ -212,6 +212,20 @@ def _gathered(params: list[torch.nn.Parameter], zero3: bool):
     return deepspeed.zero.GatheredParameters(params)
 
 
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Under a ZeRO-3 Trainer, transformers builds every new model partitioned (`deepspeed.zero.Init`); the rollout
+    copy must be whole. transformers keeps the active DeepSpeed config in a module global: hide it meanwhile."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The student's full weights as `(name, tensor)` under the names of the plain (non-PEFT) model.
 
@@ -554,7 +568,8 @@ class AlignDistilTrainer(SFTTrainer):
             from transformers import AutoModelForCausalLM
 
             dtype = kwargs.pop("dtype", None)
-            copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype or base.dtype)
+            with _without_zero3_init():  # a whole local copy, not a ZeRO-3 partitioned one
+                copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype or base.dtype)
             copy.generation_config = base.generation_config
             copy.to(self.accelerator.device)
             return TransformersGenerator(model=copy, tokenizer=self._tokenizer, **kwargs)
