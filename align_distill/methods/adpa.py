@@ -17,7 +17,7 @@ from trl import ModelConfig
 
 from align_distill.trainers.adpa import ADPAConfig
 
-from .common import DataArguments, peft_config_from, save_final
+from .common import DataArguments, train_student
 
 HELP = "ADPA: SFT(chosen) + advantage of a DPO teacher vs its reference on student rollouts (ADPA+ after DCKD)"
 DATA_FORMAT = None  # store rows (prompt, chosen, completion_ids), checked by the trainer; see the module docstring
@@ -74,7 +74,7 @@ def join_chosen(rows: Any, preference_path: str, split: str) -> Any:
 
 
 def main(data_args: ADPADataArguments, training_args: ADPAConfig, model_args: ModelConfig) -> dict:
-    from align_distill.models import load_model, load_tokenizer
+    from align_distill.models import load_tokenizer
     from align_distill.trainers.adpa import ADPATrainer
 
     path = data_args.dataset_path or (training_args.signals_path if training_args.teacher_mode == "cache" else None)
@@ -85,22 +85,7 @@ def main(data_args: ADPADataArguments, training_args: ADPAConfig, model_args: Mo
         train = join_chosen(train, data_args.preference_path, data_args.dataset_split)
     evaluation = load_rows(data_args.eval_dataset_path) if data_args.eval_dataset_path else None
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    trainer = ADPATrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_config_from(model_args),
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    return dict(result.metrics)
+    return train_student(ADPATrainer, model_args, training_args, tokenizer, train, evaluation)
 
 
 # Quickstart settings (tiny models on a CPU).

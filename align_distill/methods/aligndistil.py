@@ -14,7 +14,7 @@ from trl import ModelConfig
 from align_distill.pipeline import Stage
 from align_distill.trainers.aligndistil import AlignDistilConfig
 
-from .common import DataArguments, load_method_dataset, peft_config_from, require_dataset, save_final
+from .common import DataArguments, load_method_dataset, require_dataset, train_student
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _check_tokenizers(tokenizer: Any, paths: dict[str, str | None]) -> None:
 
 
 def main(data_args: DataArguments, training_args: AlignDistilConfig, model_args: ModelConfig) -> dict:
-    from align_distill.models import load_model, load_tokenizer
+    from align_distill.models import load_tokenizer
     from align_distill.trainers.aligndistil import AlignDistilTrainer
 
     require_dataset(data_args, "aligndistil")
@@ -58,22 +58,7 @@ def main(data_args: DataArguments, training_args: AlignDistilConfig, model_args:
         training_args.max_length,
         ("prompt",) if on_policy else ("prompt", "chosen"),
     )
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    trainer = AlignDistilTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_config_from(model_args),
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    return dict(result.metrics)
+    return train_student(AlignDistilTrainer, model_args, training_args, tokenizer, train, evaluation)
 
 
 # ---- quickstart -------------------------------------------------------------------------------------------------

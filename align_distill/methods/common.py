@@ -90,6 +90,33 @@ def peft_config_from(model_args: Any):
     return get_peft_config(model_args)
 
 
+def train_student(
+    trainer_class: Any, model_args: Any, training_args: Any, tokenizer: Any, train: Any, evaluation: Any = None
+) -> dict:
+    """Load the student, train it with `trainer_class` (a TRL-style trainer), save model + tokenizer; the metrics.
+
+    Every method's script ends the same way; only the trainer class and the data differ.
+    """
+    from align_distill.models import load_model
+
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype or "auto",
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config_from(model_args),
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_final(trainer, tokenizer, training_args.output_dir)
+    return dict(result.metrics)
+
+
 def save_final(trainer: Any, tokenizer: Any, output_dir: str) -> None:
     """Save the model (or adapter) and the tokenizer, so the folder loads as one checkpoint."""
     trainer.save_model(output_dir)

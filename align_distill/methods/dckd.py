@@ -12,7 +12,7 @@ from trl import ModelConfig
 
 from align_distill.trainers.dckd import DCKDConfig
 
-from .common import DataArguments, load_method_dataset, peft_config_from, require_dataset, save_final
+from .common import DataArguments, load_method_dataset, require_dataset, train_student
 
 HELP = "DCKD: SFT(chosen) + KL(DPO teacher || student) on chosen and rejected (signal cache or live teacher)"
 DATA_FORMAT = "preference"
@@ -20,7 +20,7 @@ DATACLASSES = (DataArguments, DCKDConfig, ModelConfig)
 
 
 def main(data_args: DataArguments, training_args: DCKDConfig, model_args: ModelConfig) -> dict:
-    from align_distill.models import load_model, load_tokenizer
+    from align_distill.models import load_tokenizer
     from align_distill.trainers.dckd import DCKDTrainer
 
     require_dataset(data_args, "dckd")
@@ -28,22 +28,7 @@ def main(data_args: DataArguments, training_args: DCKDConfig, model_args: ModelC
     train, evaluation = load_method_dataset(
         data_args, DATA_FORMAT, tokenizer, training_args.max_length, ("id", "prompt", "chosen", "rejected")
     )
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    trainer = DCKDTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_config_from(model_args),
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    return dict(result.metrics)
+    return train_student(DCKDTrainer, model_args, training_args, tokenizer, train, evaluation)
 
 
 # Quickstart settings (tiny models on a CPU): tuned so that DCKD moves the SFT student towards the DPO teacher.

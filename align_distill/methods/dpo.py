@@ -13,9 +13,8 @@ from .common import (
     DataArguments,
     default_precision,
     load_method_dataset,
-    peft_config_from,
     require_dataset,
-    save_final,
+    train_student,
 )
 
 HELP = "DPO on preference pairs (TRL DPOTrainer); --reverse trains the reverse-DPO model"
@@ -50,7 +49,7 @@ def swap_chosen_rejected(row: dict) -> dict:
 def main(data_args: DataArguments, training_args: AlignDistillDPOConfig, model_args: ModelConfig) -> dict:
     from trl import DPOTrainer
 
-    from align_distill.models import load_model, load_tokenizer
+    from align_distill.models import load_tokenizer
 
     require_dataset(data_args, "dpo")
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
@@ -60,19 +59,4 @@ def main(data_args: DataArguments, training_args: AlignDistillDPOConfig, model_a
     if training_args.reverse:
         train = train.map(swap_chosen_rejected)
         evaluation = evaluation.map(swap_chosen_rejected) if evaluation is not None else None
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    trainer = DPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_config_from(model_args),
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    return dict(result.metrics)
+    return train_student(DPOTrainer, model_args, training_args, tokenizer, train, evaluation)

@@ -13,9 +13,8 @@ from .common import (
     DataArguments,
     default_precision,
     load_method_dataset,
-    peft_config_from,
     require_dataset,
-    save_final,
+    train_student,
 )
 
 HELP = "supervised fine-tuning on prompt/completion data (TRL SFTTrainer)"
@@ -38,26 +37,11 @@ DATACLASSES = (DataArguments, AlignDistillSFTConfig, ModelConfig)
 def main(data_args: DataArguments, training_args: AlignDistillSFTConfig, model_args: ModelConfig) -> dict:
     from trl import SFTTrainer
 
-    from align_distill.models import load_model, load_tokenizer
+    from align_distill.models import load_tokenizer
 
     require_dataset(data_args, "sft")
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
     train, evaluation = load_method_dataset(
         data_args, DATA_FORMAT, tokenizer, training_args.max_length, ("prompt", "completion")
     )
-    model = load_model(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=peft_config_from(model_args),
-    )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    return dict(result.metrics)
+    return train_student(SFTTrainer, model_args, training_args, tokenizer, train, evaluation)
