@@ -29,6 +29,11 @@ COMMON: dict[str, Any] = {
 }
 
 
+# Shared by the teacher's and the student's stages (only the step budgets differ).
+SFT_SCHEDULE: dict[str, Any] = {"learning_rate": 3e-3, "lr_scheduler_type": "cosine", "warmup_steps": 10}
+DPO_SETTINGS: dict[str, Any] = {"max_steps": 60, "learning_rate": 5e-5, "beta": 0.1}
+
+
 def build_models(out_dir: Path, seed: int = 0) -> dict[str, str]:
     """Stage `models`: tokenizer + random tiny teacher and student under `out_dir`."""
     from align_distill.models.tiny import make_tiny_models
@@ -88,19 +93,15 @@ def base_stages(seed: int) -> list[Stage]:
             model_name_or_path="${models}/teacher",
             dataset_path="${data}/sft.jsonl",
             max_steps=400,
-            learning_rate=3e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
             seed=seed,
+            **SFT_SCHEDULE,
         ),
         _train(
             "teacher_dpo",
             "dpo",
             model_name_or_path="${teacher_sft}",
             dataset_path="${data}/pairs.jsonl",
-            max_steps=60,
-            learning_rate=5e-5,
-            beta=0.1,
+            **DPO_SETTINGS,
             seed=seed,
         ),
         _train(
@@ -108,9 +109,7 @@ def base_stages(seed: int) -> list[Stage]:
             "dpo",
             model_name_or_path="${teacher_sft}",
             dataset_path="${data}/pairs.jsonl",
-            max_steps=60,
-            learning_rate=5e-5,
-            beta=0.1,
+            **DPO_SETTINGS,
             reverse=True,
             seed=seed,
         ),
@@ -122,10 +121,8 @@ def base_stages(seed: int) -> list[Stage]:
             # a smaller SFT budget than the teacher's: at 400 steps this task saturates even the tiny student
             # (capability 0.93, as high as the teacher's), leaving nothing for distillation to show
             max_steps=200,
-            learning_rate=3e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
             seed=seed,
+            **SFT_SCHEDULE,
         ),
     ]
 
@@ -137,9 +134,7 @@ def _student_dpo(seed: int) -> list[Stage]:
             "dpo",
             model_name_or_path="${student_sft}",
             dataset_path="${data}/pairs.jsonl",
-            max_steps=60,
-            learning_rate=5e-5,
-            beta=0.1,
+            **DPO_SETTINGS,
             seed=seed,
         )
     ]
