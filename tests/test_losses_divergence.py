@@ -243,6 +243,54 @@ def test_chunked_token_map_gradient_to_two_inputs_and_bf16_upcast():
 
 
 def test_default_chunk_size_bounds_the_chunk_elements():
-    assert default_chunk_size(49152) == 21
+    assert default_chunk_size(49152) == 10
+    assert default_chunk_size(152064) == 3
     assert default_chunk_size(5) > 10_000
     assert default_chunk_size(10**9) == 1
+
+
+def _weighted_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum()
+
+
+@pytest.mark.parametrize("zero_weight", [False, True])
+def test_backward_scales_the_stored_gradient_once_and_a_retained_graph_rescales(zero_weight):
+    """The first backward scales the stored gradient in place; a second backward (retain_graph) must still be right,
+    also when a zero upstream factor (weight 0 on a masked row) forbids the in-place path."""
+    student, teacher, mask = _inputs(b=2, t=6, v=5, seed=21)
+    weights = torch.rand(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    if zero_weight:
+        weights[mask.nonzero()[0].tolist()] = 0.0
+
+    def reference_grad(w: torch.Tensor) -> torch.Tensor:
+        s = student.clone().requires_grad_(True)
+        per = torch.where(mask, (teacher.softmax(-1) * (teacher.log_softmax(-1) - s.log_softmax(-1))).sum(-1), 0.0)
+        return torch.autograd.grad(_weighted_sum(per, w), s)[0]
+
+    s = student.clone().requires_grad_(True)
+    values = chunked_token_map(
+        lambda a, b: (b.softmax(-1) * (b.log_softmax(-1) - a.log_softmax(-1))).sum(-1),
+        s,
+        teacher,
+        mask=mask,
+        chunk_size=4,
+    )
+    first = torch.autograd.grad(_weighted_sum(values, weights), s, retain_graph=True)[0].clone()
+    torch.testing.assert_close(first, reference_grad(weights))
+    other = weights.flip(0) * 3
+    second = torch.autograd.grad(_weighted_sum(values, other), s)[0]
+    torch.testing.assert_close(second, reference_grad(other))
+
+
+def test_returned_gradient_is_the_buffer_written_in_the_forward():
+    """Memory bound: the backward hands over the gradient buffer filled in the forward (scaled in place), so the
+    loss adds one full-size tensor, the gradient it must return, and the leaf keeps that tensor without a copy."""
+    student, teacher, mask = _inputs(b=2, t=6, v=5, seed=22)
+    s = student.clone().requires_grad_(True)
+    values = chunked_token_map(lambda a, b: (a.softmax(-1) * b).sum(-1), s, teacher, mask=mask)
+    stored_ptr = values.grad_fn.saved_tensors[2].data_ptr()  # (b_idx, t_idx, gradient of s)
+    masked_mean(values, mask).backward()
+    assert s.grad.data_ptr() == stored_ptr
+    s_ref = student.clone().requires_grad_(True)
+    masked_mean(torch.where(mask, (s_ref.softmax(-1) * teacher).sum(-1), 0.0), mask).backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)

@@ -4,8 +4,9 @@ Why chunk: at T=2048, V=49152 one float32 `[T, V]` tensor is 384 MiB, and a plai
 (two log-softmaxes, probabilities, products, their gradients). `chunked_token_map` gathers only the masked
 positions, `chunk_size` rows at a time, upcasts that chunk to float32 and computes the per-position values *and*
 their gradient with respect to the chunk right away (a forward-time gradient, as fused cross-entropy kernels
-do). No chunk's float32 intermediates outlive the chunk, and the backward only scales the stored per-row
-gradients (kept in the input dtype) by the incoming gradient, with no recomputation.
+do), written into a zero tensor of the input's shape and dtype. No chunk's float32 intermediates outlive the
+chunk, and the backward scales that tensor in place by the incoming gradient and returns it, with no
+recomputation: the returned gradient is the only full-size buffer the loss adds.
 Every full-vocabulary loss of `align_distill.losses` (kd, top-k, ADPA, AlignDistil) goes through it.
 """
 
@@ -23,8 +24,10 @@ from .reduction import Reduction, masked_mean
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
-# Default chunk: about 2**20 elements per float32 intermediate (4 MiB, a few fit in L3), 21 rows at V=49152.
-CHUNK_ELEMENTS = 1 << 20
+# Default chunk: about 2**19 elements per float32 intermediate (2 MiB), 10 rows at V=49152, 3 at V=152064. A chunk's
+# autograd work keeps a few dozen such buffers alive at once; measured at V=49152, T=2048 (bench/loss_kernels.py):
+# 2**20 → 0.26× the naive peak, 2**19 → 0.23×, 2**18 → 0.21× but ~1.3× slower from per-chunk overhead.
+CHUNK_ELEMENTS = 1 << 19
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -45,10 +48,9 @@ class _TokenMap(torch.autograd.Function):
         differentiable = [i for i, x in enumerate(tensors) if x is not None and ctx.needs_input_grad[5 + i]]
         n = b_idx.numel()
         shape = next(x for x in tensors if x is not None).shape[:2]
-        row_grads = [
-            torch.empty((n, *tensors[i].shape[2:]), dtype=tensors[i].dtype, device=tensors[i].device)
-            for i in differentiable
-        ]
+        # The gradient is written straight into a zero tensor of the input's shape, which the backward scales in
+        # place and returns: the only full-size buffer of the whole loss is the gradient it must return anyway.
+        full_grads = [torch.zeros_like(tensors[i], memory_format=torch.contiguous_format) for i in differentiable]
         outputs: list[torch.Tensor] | None = None
         for start in range(0, max(n, 1), chunk_size):  # one (empty) pass when n == 0 to learn fn's outputs
             rows = slice(start, start + chunk_size)
@@ -73,31 +75,41 @@ class _TokenMap(torch.autograd.Function):
                 outputs = [torch.zeros(shape, dtype=value.dtype, device=value.device) for value in result]
             for out, value in zip(outputs, result):
                 out[b, t] = value.detach()
-            for buf, grad in zip(row_grads, grads):
-                buf[rows] = 0 if grad is None else grad
+            for full, grad in zip(full_grads, grads):
+                if grad is not None:
+                    full[b, t] = grad.to(full.dtype)
         ctx.differentiable = differentiable
-        ctx.shapes = [None if x is None else (x.shape, x.dtype) for x in tensors]
+        ctx.n_inputs = len(tensors)
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(b_idx, t_idx, *row_grads)
+        ctx.applied = None  # the factor the stored rows were scaled by in place, once a backward did
+        ctx.save_for_backward(b_idx, t_idx, *full_grads)
         ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_values, *_aux_grads):  # type: ignore[override]
-        b_idx, t_idx, *row_grads = ctx.saved_tensors
-        grads: list[torch.Tensor | None] = [None] * len(ctx.shapes)
+        b_idx, t_idx, *full_grads = ctx.saved_tensors
+        grads: list[torch.Tensor | None] = [None] * ctx.n_inputs
         if grad_values is None:
             return (None,) * 5 + tuple(grads)
-        for i, row_grad in zip(ctx.differentiable, row_grads):
-            shape, dtype = ctx.shapes[i]
-            full = torch.zeros(shape, dtype=dtype, device=row_grad.device)
+        scale = grad_values[b_idx, t_idx]  # [n], one factor per stored gradient row
+        # Usual case (one backward, every row scaled by a nonzero factor): scale the stored gradient in place and
+        # hand it over. A second backward through a retained graph (gradcheck, `retain_graph=True`), or a zero
+        # factor that would destroy a row, gets a fresh tensor instead, rescaled from what is stored.
+        in_place = ctx.applied is None and bool(torch.all(scale != 0) and torch.all(scale.isfinite()))
+        ratio = scale if ctx.applied is None else scale / ctx.applied
+        for i, full in zip(ctx.differentiable, full_grads):
+            out = full if in_place else torch.zeros_like(full)
+            target = out.data  # writes through `.data` leave the saved tensor's version counter alone
             for start in range(0, b_idx.numel(), ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 b, t = b_idx[rows], t_idx[rows]
-                scale = grad_values[b, t].reshape(-1, *([1] * (row_grad.dim() - 1)))
-                full[b, t] = (row_grad[rows].to(scale.dtype) * scale).to(dtype)
-            grads[i] = full
+                factor = ratio[rows].reshape(-1, *([1] * (full.dim() - 2)))
+                target[b, t] = (full[b, t].to(factor.dtype) * factor).to(full.dtype)
+            grads[i] = out
+        if in_place:
+            ctx.applied = scale
         return (None,) * 5 + tuple(grads)
 
 
