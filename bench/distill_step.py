@@ -51,6 +51,8 @@ def _student(paths: dict[str, Path], size: str, root: Path) -> Path:
     for key, value in SMALL_STUDENT.items():
         setattr(config, key, value)
     config.head_dim = config.hidden_size // config.num_attention_heads
+    if getattr(config, "layer_types", None):  # one attention type per layer: resize to the new depth
+        config.layer_types = [config.layer_types[0]] * config.num_hidden_layers
     out = root / "student_small"
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(paths["tokenizer"]).save_pretrained(out)
