@@ -407,3 +407,9 @@ def test_server_rejects_a_wrong_key_without_retrying(vllm_server, monkeypatch):
         gen.generate(["x"], GREEDY)
     assert SECRET not in str(info.value)
     gen.close()
+
+
+def test_a_remote_server_cannot_take_weights(server):
+    """On-policy syncing needs a local engine: the OpenAI backend refuses with a message naming the alternatives."""
+    with pytest.raises(NotImplementedError, match="transformers or vllm backend"):
+        make(server).load_weights([("w", None)])

@@ -145,3 +145,24 @@ def _pref(n: int) -> list[dict]:
     from align_distill.synthetic import preference_rows
 
     return preference_rows(n, 5)
+
+
+def test_load_weights_replaces_the_generators_model(tiny_models):
+    """`Generator.load_weights` (how on-policy trainers sync a rollout engine): the teacher's weights loaded into a
+    student-architecture copy make it score like the teacher; an unknown name is refused."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = make_generator("transformers", str(tiny_models["teacher"]))
+    blank = AutoModelForCausalLM.from_config(teacher.model.config)
+    engine = TransformersGenerator(blank, teacher.tokenizer)
+    prompt = encode_prompt(teacher.tokenizer, PROMPTS[0])
+    response = teacher.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8))[0][0].token_ids
+    before = engine.score([prompt], [response], top_k=2)[0].token_logprobs
+    loaded = engine.load_weights(teacher.model.named_parameters())
+    assert loaded == len(list(teacher.model.parameters()))
+    after = engine.score([prompt], [response], top_k=2)[0].token_logprobs
+    want = teacher.score([prompt], [response], top_k=2)[0].token_logprobs
+    torch.testing.assert_close(torch.tensor(after), torch.tensor(want))
+    assert not torch.allclose(torch.tensor(before), torch.tensor(want))
+    with pytest.raises(KeyError, match="no parameter 'nope'"):
+        engine.load_weights([("nope", torch.zeros(1))])

@@ -171,6 +171,43 @@ def test_off_policy_loss_matches_hand_computation_and_trains(tiny_models, teache
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["theorem1", "contrastive"])
+def test_constant_ratio_variants_match_the_loss_and_train(variant, tiny_models, teacher_pair, pairs, tmp_path):
+    """theorem1: z* = r·z_dpo + (1 − r)·z_ref with the SFT reference as the second model (here the unperturbed
+    tiny teacher); contrastive: z* = z_dpo + r·(z_dpo − z_rev). The trainer's loss = the loss function called by
+    hand on the models' logits, and differs from the adaptive teacher's."""
+    from align_distill.models import load_model, load_tokenizer
+
+    second = tiny_models["teacher"] if variant == "theorem1" else teacher_pair["rev"]
+    trainer = AlignDistilTrainer(
+        model=load_model(tiny_models["student"], dtype="float32"),
+        dpo_model=str(teacher_pair["dpo"]),
+        rev_dpo_model=str(second),
+        args=_config(tmp_path, variant=variant, ratio=2.0),
+        train_dataset=pairs,
+        processing_class=load_tokenizer(tiny_models["student"]),
+    )
+    batch = _first_batch(trainer)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    completion = batch["completion_mask"] if "completion_mask" in batch else batch["labels"] != -100
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        logits = [m(input_ids=ids, attention_mask=attention).logits for m in (trainer.model, trainer.dpo_model)]
+        other = trainer.rev_dpo_model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        student, _, mask = response_view(logits[0], ids, (completion.bool() & attention.bool()).long())
+        keyword = {"ref_logits": other, "rev_logits": None} if variant == "theorem1" else {"rev_logits": other}
+        expected = aligndistil_loss(
+            student, logits[1][:, :-1], mask=mask, beta0=0.1, variant=variant, ratio=2.0, **keyword
+        )
+        adaptive = _hand_loss(trainer, batch, official=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    assert abs(loss.item() - adaptive.item()) > 1e-3 * adaptive.item()
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["aligndistil/alpha"] == pytest.approx(2.0) and log["aligndistil/alpha_at_bounds"] == 0.0
+
+
+@pytest.mark.slow
 def test_official_alignment_scores_the_shifted_rows(tiny_models, teacher_pair, pairs, tmp_path):
     trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, official_alignment=True)
     batch = _first_batch(trainer)

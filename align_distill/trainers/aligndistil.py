@@ -251,51 +251,6 @@ def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tup
             yield name, param.data
 
 
-def load_generator_weights(generator: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> int:
-    """Copy `(name, tensor)` weights into a rollout engine; returns how many tensors were loaded.
-
-    - transformers backend: copied in place into the generator's own model (names must match).
-    - vLLM backend: `model.load_weights` in the engine when it runs in this process (TRL's colocate path, e.g.
-      `distributed_executor_backend="external_launcher"`); else the engine's own in-place reload
-      (`collective_rpc("reload_weights")`) from a temporary safetensors file, as its worker processes cannot
-      receive tensors directly. Prefix caches are reset so that no KV computed with old weights survives.
-    """
-    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
-
-    if isinstance(generator, TransformersGenerator):
-        target = dict(generator.model.named_parameters())
-        count = 0
-        with torch.no_grad():
-            for name, tensor in weights:
-                if name not in target:
-                    raise KeyError(f"rollout model has no parameter {name!r} (student and rollout model differ)")
-                target[name].copy_(tensor.to(target[name].device, target[name].dtype))
-                count += 1
-        return count
-    llm = getattr(generator, "llm", None)
-    if llm is None:
-        raise TypeError(f"cannot load student weights into {type(generator).__name__}: not a local engine")
-    driver = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
-    count = 0
-    if driver is not None:
-        for name, tensor in weights:
-            driver.model_runner.model.load_weights([(name, tensor)])
-            count += 1
-    else:
-        import tempfile
-
-        from safetensors.torch import save_file
-
-        with tempfile.TemporaryDirectory(prefix="aligndistil-sync-") as folder:
-            tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in weights}
-            save_file(tensors, f"{folder}/model.safetensors")
-            count = len(tensors)
-            del tensors
-            llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
-    llm.reset_prefix_cache()
-    return count
-
-
 # ---- data ---------------------------------------------------------------------------------------------------------
 
 
@@ -580,7 +535,7 @@ class AlignDistilTrainer(SFTTrainer):
     def sync_rollout_weights(self) -> int:
         """Copy the student's current weights into the rollout engine (every process takes part under ZeRO-3)."""
         student = self.accelerator.unwrap_model(self.model)
-        count = load_generator_weights(self.generator, student_weights(student, self._zero3))
+        count = self.generator.load_weights(student_weights(student, self._zero3))
         self._synced_step = self.state.global_step
         return count
 

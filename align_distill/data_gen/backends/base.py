@@ -7,7 +7,9 @@ config key and gets the same rows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 Messages = list[dict[str, str]]
 # A prompt is either plain text (used verbatim) or a conversation (the chat template is applied with
@@ -92,6 +94,15 @@ class Generator(ABC):
         """Log-probs of each response token given its prompt + previous response tokens. With `gather_ids`
         (per row, per response token, K ids), log-probs are taken at exactly those ids instead of this model's
         own top-k (e.g. the reference model at the DPO teacher's top-k ids)."""
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> int:
+        """Replace the model's weights by `(name, tensor)` pairs (names of the plain transformers model) and return
+        how many tensors were loaded: how on-policy trainers keep a rollout engine in step with the student.
+        Only local engines can; a remote server cannot receive weights."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot load weights: on-policy rollouts need a local engine "
+            "(the transformers or vllm backend)"
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model / engine / connections."""

@@ -11,6 +11,7 @@ lets a resumed job reproduce an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,18 @@ class TransformersGenerator(Generator):
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy the tensors in place into this generator's model (names must match its parameters)."""
+        target = dict(self.model.named_parameters())
+        count = 0
+        for name, tensor in weights:
+            if name not in target:
+                raise KeyError(f"rollout model has no parameter {name!r} (the student and the rollout model differ)")
+            target[name].copy_(tensor.to(target[name].device, target[name].dtype))
+            count += 1
+        return count
 
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
@@ -307,6 +307,35 @@ class VLLMGenerator(Generator):
                 rest.append(rest_logmass(list(dict(zip(ids, lps)).values())))
             scores.append(TokenScores(token_lps, ids_out, lps_out, rest))
         return scores
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> int:
+        """Replace the engine's weights in place; prefix caches are reset so no KV made with old weights survives.
+
+        When the engine's model runs in this process (TRL's colocate path, e.g.
+        `distributed_executor_backend="external_launcher"`), tensors go straight to `model.load_weights`; else the
+        engine reloads itself (`collective_rpc("reload_weights")`) from a temporary safetensors file, as its worker
+        processes cannot receive tensors directly.
+        """
+        llm = self.llm
+        driver = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
+        count = 0
+        if driver is not None:
+            for name, tensor in weights:
+                driver.model_runner.model.load_weights([(name, tensor)])
+                count += 1
+        else:
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory(prefix="align-distill-sync-") as folder:
+                tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in weights}
+                save_file(tensors, f"{folder}/model.safetensors")
+                count = len(tensors)
+                del tensors
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
+        llm.reset_prefix_cache()
+        return count
 
     def close(self) -> None:
         """Shut the engine core (and its worker processes) down so that another engine can start."""
