@@ -57,8 +57,11 @@ def write_data(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pairs: int = 1
     return {name: len(rows) for name, rows in files.items()}
 
 
-def evaluate_models(out_dir: Path, models: dict[str, str], n: int = 200, seed: int = 10_000) -> dict[str, dict]:
-    """Stage `evaluate`: greedy ground-truth reward of every model; writes `eval.json`, `report.md`, `reward.png`."""
+def evaluate_models(
+    out_dir: Path, models: dict[str, str], n: int = 200, seed: int = 10_000, curves: str | None = None
+) -> dict[str, dict]:
+    """Stage `evaluate`: greedy ground-truth reward of every model; writes `eval.json`, `report.md`, `reward.png`
+    (and copies the `convergence` stage's reward-vs-steps chart into the report when `curves` names it)."""
     from align_distill.models import load_model, load_tokenizer
     from align_distill.report import write_report
     from align_distill.synthetic import evaluate
@@ -69,7 +72,11 @@ def evaluate_models(out_dir: Path, models: dict[str, str], n: int = 200, seed: i
         results[name] = evaluate(model, load_tokenizer(path), n=n, seed=seed).as_dict()
         print(f"  {name:18s} reward {results[name]['reward']:.3f}", flush=True)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    write_report(out_dir, results, models)
+    curve_data = None
+    if curves is not None:
+        (out_dir / CURVES_PNG).write_bytes((Path(curves) / CURVES_PNG).read_bytes())
+        curve_data = json.loads((Path(curves) / "curves.json").read_text())
+    write_report(out_dir, results, models, curves=curve_data, curves_png=CURVES_PNG if curves else None)
     return results
 
 
@@ -172,15 +179,27 @@ BASE_MODELS = [
 ]
 
 
+# The `convergence` stage retrains these stages (label: stage name) measuring reward vs steps (DPO vs AlignDistil).
+CURVE_STAGES = {"student_dpo": "student_dpo", "aligndistil_off": "aligndistil_off", "aligndistil_on": "aligndistil_on"}
+CURVES_PNG = "reward_vs_steps.png"
+
 SMOKE_OVERRIDES = {"max_steps": 2, "n_sft": 64, "n_pairs": 32, "n_prompts": 16, "n": 8}
+
+
+def _smoke_config(config: dict[str, Any], train: bool) -> dict[str, Any]:
+    config = {k: SMOKE_OVERRIDES.get(k, v) for k, v in config.items()}
+    if train:
+        config["max_steps"] = SMOKE_OVERRIDES["max_steps"]
+    if "runs" in config:  # the convergence stage's nested training configs
+        config["runs"] = {
+            label: {**run, "config": _smoke_config(run["config"], train=True)} for label, run in config["runs"].items()
+        }
+    return config
 
 
 def _smoke(stage: Stage) -> Stage:
     """The same stage at toy size: every size-like key present in its config is replaced (tests, CI)."""
-    config = {k: SMOKE_OVERRIDES.get(k, v) for k, v in stage.config.items()}
-    if stage.kind == "train":
-        config["max_steps"] = SMOKE_OVERRIDES["max_steps"]
-    return Stage(stage.name, stage.kind, stage.target, config)
+    return Stage(stage.name, stage.kind, stage.target, _smoke_config(stage.config, stage.kind == "train"))
 
 
 def build_pipeline(
@@ -196,7 +215,18 @@ def build_pipeline(
         method_stages = METHOD_STAGES[method](seed)
         stages.extend(method_stages)
         models[f"student_{method}" if not method.startswith("student") else method] = f"${{{method_stages[-1].name}}}"
-    stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", {"models": models, "n": 200}))
+    evaluate = {"models": models, "n": 200}
+    by_name = {stage.name: stage for stage in stages}
+    curve_runs = {
+        label: {"method": by_name[name].target, "config": by_name[name].config}
+        for label, name in CURVE_STAGES.items()
+        if name in by_name
+    }
+    if "student_dpo" in curve_runs and len(curve_runs) > 1:  # DPO vs at least one AlignDistil variant
+        curves = Stage("convergence", "call", "align_distill.synthetic.curves:reward_curves", {"runs": curve_runs, "every": 10, "n": 200})
+        stages.append(curves)
+        evaluate["curves"] = "${convergence}"
+    stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", evaluate))
     return Pipeline(run_dir, [_smoke(s) for s in stages] if smoke else stages)
 
 
@@ -221,8 +251,9 @@ def run_quickstart(
     pipeline.run(from_stage=from_stage)
     evaluate_dir = pipeline.stage_dir("evaluate")
     results = json.loads((evaluate_dir / "eval.json").read_text())
-    for name in ("report.md", "reward.png"):
-        (Path(run_dir) / name).write_bytes((evaluate_dir / name).read_bytes())
+    for name in ("report.md", "reward.png", CURVES_PNG):
+        if (evaluate_dir / name).exists():
+            (Path(run_dir) / name).write_bytes((evaluate_dir / name).read_bytes())
     from align_distill.report import results_table
 
     print("\n" + results_table(results))

@@ -37,7 +37,36 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: Path, results: dict[str, dict], models: dict[str, str]) -> None:
+def curves_section(curves: dict[str, list[dict]], png: str) -> list[str]:
+    """Report lines for reward-vs-steps curves: the chart and, per method, reward at each measured step."""
+    from align_distill.synthetic.curves import steps_to_90
+
+    steps = sorted({int(p["step"]) for points in curves.values() for p in points})
+    lines = [
+        "## Convergence: reward vs optimizer steps",
+        "",
+        "Each method retrained from the same SFT student with its quickstart settings, measuring the ground-truth",
+        "reward every few optimizer steps (same held-out prompts as above).",
+        "",
+        f"![reward vs steps]({png})",
+        "",
+        "| method | " + " | ".join(f"step {s}" for s in steps) + " | steps to 90% of gain |",
+        "| --- | " + " | ".join("---:" for _ in steps) + " | ---: |",
+    ]
+    for method, points in curves.items():
+        by_step = {int(p["step"]): p["reward"] for p in points}
+        cells = [f"{by_step[s]:.3f}" if s in by_step else "" for s in steps]
+        lines.append(f"| {method} | {' | '.join(cells)} | {steps_to_90(points) or '—'} |")
+    return lines + [""]
+
+
+def write_report(
+    out_dir: Path,
+    results: dict[str, dict],
+    models: dict[str, str],
+    curves: dict[str, list[dict]] | None = None,
+    curves_png: str | None = None,
+) -> None:
     n = next(iter(results.values()))["n"] if results else 0
     text = [
         "# align-distill run report",
@@ -48,6 +77,7 @@ def write_report(out_dir: Path, results: dict[str, dict], models: dict[str, str]
         "",
         "![reward](reward.png)",
         "",
+        *(curves_section(curves, curves_png or "reward_vs_steps.png") if curves else []),
         "## Models",
         "",
         *[f"- {name}: `{path}`" for name, path in models.items()],

@@ -53,78 +53,17 @@ def prepare(run_dir: Path, seed: int, scale: float) -> Any:
     return pipeline
 
 
-class RewardCurve:
-    """A `TrainerCallback` measuring the ground-truth reward at step 0 and every `every` optimizer steps."""
-
-    def __init__(self, tokenizer: Any, every: int, n: int):
-        from transformers import TrainerCallback
-
-        self.tokenizer, self.every, self.n, self.points = tokenizer, every, n, []
-        outer = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                outer.measure(model, 0)
-
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step % outer.every == 0 or state.global_step == state.max_steps:
-                    outer.measure(model, state.global_step)
-
-        self.callback = _Callback()
-
-    def measure(self, model: Any, step: int) -> None:
-        from align_distill.synthetic import evaluate
-
-        if self.points and self.points[-1]["step"] == step:
-            return
-        result = evaluate(model, self.tokenizer, n=self.n).as_dict()
-        self.points.append({"step": step, **{k: result[k] for k in ("reward", "capability", "preference")}})
-
-
 def train_method(pipeline: Any, method: str, seed: int, every: int, n: int) -> list[dict]:
     """Train `method` from the seed's student SFT model with its quickstart config; return its reward curve."""
-    from transformers import HfArgumentParser
-
-    from align_distill.methods import method_module
-    from align_distill.methods.common import load_method_dataset, peft_config_from
-    from align_distill.models import load_model, load_tokenizer
+    from align_distill.synthetic.curves import train_with_curve
 
     (stage,) = _stages(method, seed)
-    module = method_module(stage.target)
-    config = {**pipeline.resolve(stage), "output_dir": str(pipeline.run_dir / f"curve_{method}")}
-    data_args, training_args, model_args = HfArgumentParser(module.DATACLASSES).parse_dict(config)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, dtype="float32")
-    curve = RewardCurve(tokenizer, every, n)
-    common = dict(
-        model=model, args=training_args, processing_class=tokenizer, peft_config=peft_config_from(model_args)
-    )
-    if stage.target == "dpo":
-        from trl import DPOTrainer
-
-        train, _ = load_method_dataset(
-            data_args, "preference", tokenizer, training_args.max_length, ("prompt", "chosen", "rejected")
-        )
-        trainer = DPOTrainer(train_dataset=train, callbacks=[curve.callback], **common)
-    else:
-        from align_distill.trainers.aligndistil import AlignDistilTrainer
-
-        fmt, columns = ("prompt", ("prompt",)) if training_args.on_policy else ("preference", ("prompt", "chosen"))
-        train, _ = load_method_dataset(data_args, fmt, tokenizer, training_args.max_length, columns)
-        trainer = AlignDistilTrainer(train_dataset=train, callbacks=[curve.callback], **common)
-    trainer.train()
-    return curve.points
-
-
-def steps_to_90(points: list[dict]) -> int | None:
-    """First measured step reaching 90% of the run's reward gain (start → final); None if it never gains."""
-    start, final = points[0]["reward"], points[-1]["reward"]
-    if final <= start:
-        return None
-    return next(p["step"] for p in points if p["reward"] >= start + 0.9 * (final - start))
+    return train_with_curve(stage.target, pipeline.resolve(stage), pipeline.run_dir / f"curve_{method}", every, n)
 
 
 def summarize(results: dict[str, dict[str, list[dict]]], bases: dict[str, dict]) -> list[dict]:
+    from align_distill.synthetic.curves import steps_to_90
+
     rows = []
     methods = sorted({m for per_seed in results.values() for m in per_seed}, key=list(METHODS).index)
     for method in methods:
@@ -162,41 +101,12 @@ def summarize(results: dict[str, dict[str, list[dict]]], bases: dict[str, dict])
     return rows
 
 
-def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    methods = sorted({m for per_seed in results.values() for m in per_seed}, key=list(METHODS).index)
-    for method in methods:
-        curves = [per_seed[method] for per_seed in results.values() if method in per_seed]
-        steps = [p["step"] for p in curves[0]]
-        curves = [c for c in curves if [p["step"] for p in c] == steps]
-        mean = [statistics.mean(c[i]["reward"] for c in curves) for i in range(len(steps))]
-        line = ax.plot(steps, mean, marker="o", label=f"{method} (n={len(curves)})")[0]
-        if len(curves) > 1:
-            sd = [statistics.stdev(c[i]["reward"] for c in curves) for i in range(len(steps))]
-            ax.fill_between(
-                steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2,
-                color=line.get_color(),
-            )  # fmt: skip
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("ground-truth reward (greedy, held-out prompts)")
-    ax.set_title("Student alignment from the same SFT model")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def reproduce(
     run_root: Path, seeds: list[int], methods: list[str], every: int, n: int, scale: float
 ) -> tuple[list[dict], dict]:
     from align_distill.models import load_model, load_tokenizer
     from align_distill.synthetic import evaluate
+    from align_distill.synthetic.curves import plot_curves
 
     run_root.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict]]] = {}
@@ -222,7 +132,7 @@ def reproduce(
     record = {"seeds": seeds, "eval_every": every, "eval_n": n, "step_scale": scale, "timings_s": timings}
     record.update({"curves": results, "bases": bases, "summary": rows})
     (run_root / "results.json").write_text(json.dumps(record, indent=2))
-    plot(results, run_root / "reward_curves.png")
+    plot_curves(results, run_root / "reward_curves.png", "Student alignment from the same SFT model")
     return rows, record
 
 

@@ -27,3 +27,23 @@ def test_quickstart_smoke_runs_every_stage_and_reuses_them(tmp_path, capsys):
 def test_unknown_quickstart_method_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown methods"):
         build_pipeline(tmp_path, methods=["nope"])
+
+
+@pytest.mark.slow
+def test_quickstart_reports_reward_vs_steps_for_dpo_and_aligndistil(tmp_path):
+    """With DPO and AlignDistil selected, a `convergence` stage retrains both measuring the reward at step 0 and at
+    the last step (smoke: 2 steps); the report embeds the chart and the table. Training is deterministic on CPU, so
+    the curve's last point is the evaluated stage model's reward."""
+    run_dir = tmp_path / "qs"
+    results = run_quickstart(run_dir=run_dir, smoke=True, methods=["dpo", "aligndistil"])
+    curves = json.loads((run_dir / "convergence" / "curves.json").read_text())
+    assert set(curves) == {"student_dpo", "aligndistil_off"}
+    for label, points in curves.items():
+        assert [p["step"] for p in points] == [0, 2]
+        assert points[0]["reward"] == pytest.approx(results["student_sft"]["reward"])
+    assert curves["student_dpo"][-1]["reward"] == pytest.approx(results["student_dpo"]["reward"])
+    assert curves["aligndistil_off"][-1]["reward"] == pytest.approx(results["student_aligndistil"]["reward"])
+    report = (run_dir / "report.md").read_text()
+    assert "![reward vs steps](reward_vs_steps.png)" in report and "| student_dpo | " in report
+    assert (run_dir / "reward_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
+    assert "convergence" not in [s.name for s in build_pipeline(run_dir, methods=["dpo"], smoke=True).stages]

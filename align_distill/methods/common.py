@@ -5,13 +5,30 @@ Validation runs before any model is loaded, so a bad dataset fails in seconds wi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+# Extra `TrainerCallback`s for the trainers `train_student` builds: how a caller (reward curves, benchmarks) observes
+# a method's own script without each script growing a parameter.
+_EXTRA_CALLBACKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("extra_callbacks", default=())
+
+
+@contextlib.contextmanager
+def training_callbacks(callbacks: list[Any]) -> Iterator[None]:
+    """Within the block, every trainer `train_student` builds also gets `callbacks`."""
+    token = _EXTRA_CALLBACKS.set(_EXTRA_CALLBACKS.get() + tuple(callbacks))
+    try:
+        yield
+    finally:
+        _EXTRA_CALLBACKS.reset(token)
 
 
 @dataclass
@@ -111,6 +128,7 @@ def train_student(
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_config_from(model_args),
+        **({"callbacks": list(_EXTRA_CALLBACKS.get())} if _EXTRA_CALLBACKS.get() else {}),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_final(trainer, tokenizer, training_args.output_dir)
