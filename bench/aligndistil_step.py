@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
+
+from bench.common import run_worker
 
 VARIANTS = ["naive", "chunked", "chunked_span_logits", "chunked_full_logits"]
 QUICK = {"seq": 256, "vocab": 8192}
@@ -115,19 +114,19 @@ def _step_fn(name: str, student, teachers, batch, vocab: int, chunk_size: int | 
 def _worker(opts: argparse.Namespace) -> dict:
     import torch
 
-    from bench.loss_kernels import _peak_mb, _rss_mb
+    from bench.common import peak_rss_mb, rss_mb
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     student, teachers = _models(opts.vocab, opts.seq)
     batch = _batch(opts.vocab, opts.seq, opts.response_fraction)
     fn = _step_fn(opts.worker, student, teachers, batch, opts.vocab, opts.chunk_size)
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     t0 = time.perf_counter()
     loss = fn()
     loss.backward()
     first = time.perf_counter() - t0
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     value, grad_norm = loss.item(), float(sum(p.grad.norm() ** 2 for p in student.parameters()) ** 0.5)
     times = []
     for _ in range(opts.repeats):
@@ -149,18 +148,13 @@ def _worker(opts: argparse.Namespace) -> dict:
 
 
 def _spawn(name: str, opts: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "bench.aligndistil_step", "--worker", name, "--seq", str(opts.seq)]
-    cmd += ["--vocab", str(opts.vocab), "--repeats", str(opts.repeats)]
-    cmd += ["--response-fraction", str(opts.response_fraction)]
+    args = ["--worker", name, "--seq", str(opts.seq), "--vocab", str(opts.vocab), "--repeats", str(opts.repeats)]
+    args += ["--response-fraction", str(opts.response_fraction)]
     if opts.threads:
-        cmd += ["--threads", str(opts.threads)]
+        args += ["--threads", str(opts.threads)]
     if opts.chunk_size:
-        cmd += ["--chunk-size", str(opts.chunk_size)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=opts.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench worker {name} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        args += ["--chunk-size", str(opts.chunk_size)]
+    return run_worker("bench.aligndistil_step", args, opts.timeout)
 
 
 def _rows(opts: argparse.Namespace) -> list[dict]:

@@ -32,24 +32,9 @@ from typing import Any
 
 import torch
 
+from bench.common import generation_models
+
 REPEATS = 5
-
-
-def _models(folder: Path, full: bool) -> dict[str, Any]:
-    from align_distill.models.tiny import PRESETS, TinyPreset, build_tiny_causal_lm, make_tiny_models
-
-    paths = make_tiny_models(folder / "tiny")
-    models = {"tiny": paths["teacher"]}
-    if full:
-        from transformers import AutoTokenizer
-
-        PRESETS.setdefault("bench_small", TinyPreset(512, 8, 8, 1536))
-        tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-        small = build_tiny_causal_lm(tokenizer, "bench_small")
-        small.save_pretrained(folder / "small")
-        tokenizer.save_pretrained(folder / "small")
-        models["small"] = folder / "small"
-    return models
 
 
 def _race(*fns, repeats: int = REPEATS) -> list[float]:
@@ -261,7 +246,7 @@ def rows(quick: bool = True, threads: int = 1) -> Iterator[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name, path in _models(folder, full=not quick).items():
+        for name, path in generation_models(folder, full=not quick).items():
             n_prompts, n_rows = (32, 64) if quick else (64, 128)
             prompts = [r["prompt"] for r in prompt_rows(n_prompts, 7)]
             measured = bench_generate(name, path, prompts, batch_size=16, new_tokens=32)

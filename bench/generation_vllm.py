@@ -35,25 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import generation_models
+
 QUICK = {"prompts": 64, "new_tokens": 32, "repeats": 7, "top_k": 20}
 FULL = {"prompts": 256, "new_tokens": 64, "repeats": 7, "top_k": 20}
-
-
-def _models(folder: Path, full: bool) -> dict[str, Path]:
-    from align_distill.models.tiny import PRESETS, TinyPreset, build_tiny_causal_lm, make_tiny_models
-
-    paths = make_tiny_models(folder / "tiny")
-    models = {"tiny": paths["teacher"]}
-    if full:
-        from transformers import AutoTokenizer
-
-        PRESETS.setdefault("bench_small", TinyPreset(512, 8, 8, 1536))
-        tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-        small = build_tiny_causal_lm(tokenizer, "bench_small")
-        small.save_pretrained(folder / "small")
-        tokenizer.save_pretrained(folder / "small")
-        models["small"] = folder / "small"
-    return models
 
 
 def _race(ours: Callable[[], int], raw: Callable[[], int], repeats: int) -> dict[str, list[float]]:
@@ -155,7 +140,7 @@ def run(quick: bool = True) -> list[dict[str, Any]]:
     settings = QUICK if quick else FULL
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in _models(Path(tmp), full=not quick).items():
+        for name, path in generation_models(Path(tmp), full=not quick).items():
             rows += bench_model(name, path, settings)
     return rows
 

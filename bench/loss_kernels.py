@@ -9,7 +9,7 @@ Compared, on the same random inputs:
 
 Memory method: every variant runs in a fresh Python subprocess. After building the inputs the worker reads its
 resident set size (RSS, /proc/self/statm); after the first forward + backward it reads the process's peak RSS
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`). `extra_mb` = peak − RSS before = the peak memory the loss step added
+(`VmHWM`, `bench.common.peak_rss_mb`). `extra_mb` = peak − RSS before = the peak memory the loss step added
 on top of its inputs, including the `[B, T, V]` gradient it must return. CPU only; it measures what the process
 really touched, allocator caching included. Times: `--repeats` further forward + backward runs (min/median/max).
 
@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
+
+from bench.common import peak_rss_mb, rss_mb, run_worker
 
 KD_VARIANTS = ["kd_naive", "kd_chunked", "trl_gkd_forward_kl"]
 KD_EXTRA = ["kd_checkpoint", "jsd_chunked", "trl_gkd_jsd"]
@@ -37,15 +36,6 @@ ISSUE = {"batch": 1, "seq": 2048, "vocab": 49152, "aligndistil_seq": 1024}
 
 
 # ---- worker side (runs in the subprocess) -------------------------------------------------------------------------
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _naive_kd(student, teacher, mask):
@@ -127,12 +117,12 @@ def _worker(args: argparse.Namespace) -> dict:
     teachers = [(2 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n_teachers)]
     mask = torch.ones(shape[:2], dtype=torch.bool)
     mask[:, : int(args.seq * (1 - args.response_fraction))] = False  # the prompt part
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     t0 = time.perf_counter()
     loss = fn(student, *teachers, mask)
     loss.backward()
     first = time.perf_counter() - t0
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     value = loss.item()
     times = []
     for _ in range(args.repeats):
@@ -156,18 +146,13 @@ def _worker(args: argparse.Namespace) -> dict:
 
 
 def _spawn(name: str, sizes: dict, seq: int, opts: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "bench.loss_kernels", "--worker", name, "--batch", str(sizes["batch"])]
-    cmd += ["--seq", str(seq), "--vocab", str(sizes["vocab"]), "--repeats", str(opts.repeats), "--dtype", opts.dtype]
-    cmd += ["--response-fraction", str(opts.response_fraction)]
+    args = ["--worker", name, "--batch", str(sizes["batch"]), "--seq", str(seq), "--vocab", str(sizes["vocab"])]
+    args += ["--repeats", str(opts.repeats), "--dtype", opts.dtype, "--response-fraction", str(opts.response_fraction)]
     if opts.chunk_size:
-        cmd += ["--chunk-size", str(opts.chunk_size)]
+        args += ["--chunk-size", str(opts.chunk_size)]
     if opts.threads:
-        cmd += ["--threads", str(opts.threads)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=opts.timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench worker {name} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        args += ["--threads", str(opts.threads)]
+    return run_worker("bench.loss_kernels", args, opts.timeout)
 
 
 def _rows(opts: argparse.Namespace, sizes: dict) -> list[dict]:

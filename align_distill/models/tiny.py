@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -73,20 +74,21 @@ def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 320) -> PreTra
     return tokenizer
 
 
-def build_tiny_causal_lm(
+def tiny_text_config(
     tokenizer: PreTrainedTokenizerFast,
     preset: str = "student",
     arch: str = "qwen2",
-    seed: int = 0,
     max_position_embeddings: int = 256,
-) -> PreTrainedModel:
-    """A randomly initialised causal LM of `arch` ("llama" or "qwen2") sized by `preset`, fp32."""
+    **extra: Any,
+) -> PretrainedConfig:
+    """The config of a tiny causal LM of `arch` ("llama" or "qwen2") sized by `preset` over `tokenizer`'s vocabulary
+    (also the language model inside the tiny LLaVA)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; expected one of {sorted(PRESETS)}")
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"unknown tiny arch {arch!r}; expected 'llama' or 'qwen2'")
     size = PRESETS[preset]
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         arch,
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
@@ -99,8 +101,19 @@ def build_tiny_causal_lm(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
+        **extra,
     )
+
+
+def build_tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerFast,
+    preset: str = "student",
+    arch: str = "qwen2",
+    seed: int = 0,
+    max_position_embeddings: int = 256,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of `arch` ("llama" or "qwen2") sized by `preset`, fp32."""
+    config = tiny_text_config(tokenizer, preset, arch, max_position_embeddings, torch_dtype="float32")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -24,7 +23,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .tiny import PRESETS, train_tiny_tokenizer
+from .tiny import tiny_text_config, train_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -85,21 +84,7 @@ def build_tiny_llava(
     tokenizer: PreTrainedTokenizerFast, preset: str = "student", seed: int = 0, max_position_embeddings: int = 256
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised tiny LLaVA (CLIP tower + projector + Qwen2 of `preset`), fp32."""
-    size = PRESETS[preset]
-    text_config = AutoConfig.for_model(
-        "qwen2",
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden_size,
-        num_hidden_layers=size.num_hidden_layers,
-        num_attention_heads=size.num_attention_heads,
-        num_key_value_heads=size.num_attention_heads,
-        intermediate_size=size.intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
+    text_config = tiny_text_config(tokenizer, preset, "qwen2", max_position_embeddings)
     config = LlavaConfig(
         vision_config=tiny_vision_config(),
         text_config=text_config,
