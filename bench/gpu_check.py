@@ -53,6 +53,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.common import peak_rss_mb, rss_mb
+from bench.loss_kernels import naive_kd
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Dense bf16 peak (no sparsity) in TFLOP/s, matched in order against the device name: the first substring wins.
@@ -343,32 +346,15 @@ def distill_step(sizes: Sizes, device: torch.device, peak: float | None, grad_ck
 # ---- (b) loss memory -----------------------------------------------------------------------------------------------
 
 
-def _naive_kd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Full-tensor forward KL, what a plain implementation does: two float32 log_softmaxes of [B, T, V]."""
-    log_s, log_t = student.float().log_softmax(-1), teacher.float().log_softmax(-1)
-    per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
-    return (per_token * mask).sum() / mask.sum()
-
-
 def _loss_fn(variant: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     losses, _ = import_isolated("align_distill.losses")
     if variant == "naive_log_softmax_kl":
-        return _naive_kd
+        return naive_kd
     if variant == "kd_loss":
         return lambda s, t, m: losses.kd_loss(s, t, m)
     if variant == "kd_loss_chunk64":
         return lambda s, t, m: losses.kd_loss(s, t, m, chunk_size=64)
     raise ValueError(f"unknown loss variant {variant!r}")
-
-
-def _proc_status_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak of this process image) in MiB. Not ru_maxrss: that survives fork + exec, so a
-    worker started by a big parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def loss_variant(variant: str, batch: int, seq: int, vocab: int, repeats: int, device: torch.device) -> dict:
@@ -385,7 +371,7 @@ def loss_variant(variant: str, batch: int, seq: int, vocab: int, repeats: int, d
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
-        before = _proc_status_mb("VmRSS")
+        before = rss_mb()
     loss = fn(student, teacher, mask)
     loss.backward()
     _sync(device)
@@ -393,7 +379,7 @@ def loss_variant(variant: str, batch: int, seq: int, vocab: int, repeats: int, d
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         meter = "torch.cuda.max_memory_allocated"
     else:
-        peak = _proc_status_mb("VmHWM")
+        peak = peak_rss_mb()
         meter = "peak RSS of a fresh process"
     value = float(loss.detach())
 

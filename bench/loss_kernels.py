@@ -38,7 +38,8 @@ ISSUE = {"batch": 1, "seq": 2048, "vocab": 49152, "aligndistil_seq": 1024}
 # ---- worker side (runs in the subprocess) -------------------------------------------------------------------------
 
 
-def _naive_kd(student, teacher, mask):
+def naive_kd(student, teacher, mask):
+    """Full-tensor forward KL, what a plain implementation does: two float32 log_softmaxes of [B, T, V]."""
     log_s, log_t = student.float().log_softmax(-1), teacher.float().log_softmax(-1)
     per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
     return (per_token * mask).sum() / mask.sum()
@@ -93,7 +94,7 @@ def _loss_fn(name: str, chunk_size: int | None) -> tuple[Callable, int]:
 
         return trl_loss, 1
     table = {
-        "kd_naive": (_naive_kd, 1),
+        "kd_naive": (naive_kd, 1),
         "kd_chunked": (lambda s, t, m: kd_loss(s, t, m, chunk_size=chunk_size), 1),
         "kd_checkpoint": (lambda s, t, m: _checkpoint_kd(s, t, m, chunk_size or default_chunk_size(s.shape[-1])), 1),
         "jsd_chunked": (lambda s, t, m: kd_loss(s, t, m, "jsd", beta=0.5, chunk_size=chunk_size), 1),
