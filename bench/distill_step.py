@@ -210,7 +210,10 @@ def measure(trainers: dict[str, Any], rounds: int, warmup: int) -> tuple[dict[st
     return times, tokens
 
 
-def run(quick: bool = True, size: str = "tiny") -> list[dict]:
+def run(quick: bool = True, size: str | None = None) -> list[dict]:
+    """Rows for `bench/run_all.py`: the tiny student (quick), or both students (full) unless `size` names one."""
+    if size is None:
+        return [row for s in (["tiny"] if quick else ["tiny", "small"]) for row in run(quick, s)]
     settings = QUICK if quick else FULL
     with tempfile.TemporaryDirectory(prefix="distill_step_") as tmp:
         root = Path(tmp)
