@@ -34,3 +34,31 @@ def tiny_tokenizer(tiny_models):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+
+
+# A method script's smallest run: one step, tiny batch, nothing saved but the final model.
+ONE_STEP = {
+    "max_steps": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "max_length": 64,
+}
+
+
+@pytest.fixture
+def run_method(tmp_path):
+    """`run_method(name, **config)`: the method's script (`main`) through its argument parser, as `align-distill
+    train` runs it, one step into `tmp_path/student` unless `config` says otherwise; returns its metrics."""
+
+    def run(method: str, **config):
+        from transformers import HfArgumentParser
+
+        from align_distill.methods import method_module
+
+        module = method_module(method)
+        settings = {**ONE_STEP, "output_dir": str(tmp_path / "student"), **config}
+        return module.main(*HfArgumentParser(module.DATACLASSES).parse_dict(settings))
+
+    return run

@@ -180,26 +180,17 @@ def test_errors_name_what_is_wrong(tiny_models, tiny_tokenizer, adpa_data, tmp_p
 
 
 @pytest.mark.slow
-def test_train_adpa_command_joins_chosen_by_row_id(tiny_models, adpa_data, tmp_path):
-    from transformers import HfArgumentParser
-
+def test_train_adpa_command_joins_chosen_by_row_id(tiny_models, adpa_data, tmp_path, run_method):
     from align_distill.methods import method_module
 
     module = method_module("adpa")
     store = adpa_data["signals"]
-    config = {
-        "model_name_or_path": str(tiny_models["student"]),
-        "signals_path": str(store),  # also the training rows (the signals job kept prompt, chosen, completion_ids)
-        "preference_path": str(adpa_data["root"] / "pairs.jsonl"),
-        "output_dir": str(tmp_path / "student"),
-        "max_steps": 1,
-        "per_device_train_batch_size": 4,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "max_length": 64,
-    }
-    metrics = module.main(*HfArgumentParser(module.DATACLASSES).parse_dict(config))
+    metrics = run_method(
+        "adpa",
+        model_name_or_path=str(tiny_models["student"]),
+        signals_path=str(store),  # also the training rows (the signals job kept prompt, chosen, completion_ids)
+        preference_path=str(adpa_data["root"] / "pairs.jsonl"),
+    )
     assert metrics["train_loss"] > 0
     assert (tmp_path / "student" / "model.safetensors").exists()
     rows = module.load_rows(str(store))

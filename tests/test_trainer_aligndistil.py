@@ -291,30 +291,18 @@ def test_on_policy_rollouts_sync_weights_and_train(tiny_models, teacher_pair, pa
 
 
 @pytest.mark.slow
-def test_method_main_trains_and_saves_through_the_parser(tiny_models, teacher_pair, tmp_path):
+def test_method_main_trains_and_saves_through_the_parser(tiny_models, teacher_pair, tmp_path, run_method):
     import json
-
-    from transformers import HfArgumentParser
-
-    from align_distill.methods import method_module
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in synthetic.preference_rows(8, seed=3)))
-    module = method_module("aligndistil")
-    config = {
-        "model_name_or_path": str(tiny_models["student"]),
-        "dpo_model_path": str(teacher_pair["dpo"]),
-        "rev_dpo_model_path": str(teacher_pair["rev"]),
-        "dataset_path": str(data),
-        "output_dir": str(tmp_path / "student"),
-        "max_steps": 1,
-        "per_device_train_batch_size": 4,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "max_length": 64,
-    }
-    metrics = module.main(*HfArgumentParser(module.DATACLASSES).parse_dict(config))
+    metrics = run_method(
+        "aligndistil",
+        model_name_or_path=str(tiny_models["student"]),
+        dpo_model_path=str(teacher_pair["dpo"]),
+        rev_dpo_model_path=str(teacher_pair["rev"]),
+        dataset_path=str(data),
+    )
     assert metrics["train_loss"] > 0
     saved = tmp_path / "student"
     assert (saved / "model.safetensors").exists() and (saved / "tokenizer_config.json").exists()

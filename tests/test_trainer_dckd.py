@@ -207,24 +207,12 @@ def test_config_checks_the_teacher_source(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_dckd_command_saves_a_student(tiny_models, dckd_data, tmp_path):
-    from transformers import HfArgumentParser
-
-    from align_distill.methods import method_module
-
-    module = method_module("dckd")
-    config = {
-        "model_name_or_path": str(tiny_models["student"]),
-        "dataset_path": str(dckd_data["pairs"]),
-        "signals_path": str(dckd_data["signals"]),
-        "output_dir": str(tmp_path / "student"),
-        "max_steps": 1,
-        "per_device_train_batch_size": 4,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "max_length": 64,
-    }
-    metrics = module.main(*HfArgumentParser(module.DATACLASSES).parse_dict(config))
+def test_train_dckd_command_saves_a_student(tiny_models, dckd_data, tmp_path, run_method):
+    metrics = run_method(
+        "dckd",
+        model_name_or_path=str(tiny_models["student"]),
+        dataset_path=str(dckd_data["pairs"]),
+        signals_path=str(dckd_data["signals"]),
+    )
     assert metrics["train_loss"] > 0
     assert (tmp_path / "student" / "model.safetensors").exists() and (tmp_path / "student" / "tokenizer.json").exists()
