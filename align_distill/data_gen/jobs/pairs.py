@@ -2,7 +2,8 @@
 
 Modes: `best_vs_worst` gives one pair per prompt (ranking[0] vs ranking[-1]); `all_pairs` every pair (i, j) with i
 ranked above j, in ranking order. With scores, a pair is kept only if score(chosen) − score(rejected) is > 0 and
->= `min_margin`; without scores, `min_margin` > 0 is an error. Rows whose ranking failed (null) are skipped.
+>= `min_margin`; without scores, `min_margin` > 0 is an error. Rows whose ranking failed (null) are skipped, and so
+are rows with an empty response (a sample that stopped at once: it can be ranked, but is no valid DPO response).
 
 Output row: id ("{input id}:{i}>{j}", i and j 0-based completion indices), input_index, pair_index, prompt,
 chosen, rejected, chosen_index, rejected_index, and score_chosen / score_rejected / margin when scores exist.
@@ -49,6 +50,18 @@ def preference_pairs(
     return [(i, j) for i, j in candidates if scores[i] - scores[j] > 0 and scores[i] - scores[j] >= min_margin]
 
 
+def _blank(response: Any) -> bool:
+    if isinstance(response, list) and response and isinstance(response[-1], dict):
+        response = response[-1].get("content")
+    return isinstance(response, str) and not response.strip()
+
+
+def _judged(record: dict[str, Any]) -> bool:
+    """Rows to pair: judged (ranking or scores) and without empty responses (skipped and counted, not an error)."""
+    judged = record.get("ranking") is not None or record.get("scores") is not None
+    return judged and not any(_blank(c) for c in record.get("completions") or [])
+
+
 def run_pairs(config: PairsConfig | dict | str | Path) -> Path:
     """Preference pairs from the rankings in `config.input` (e.g. a `rank` store's parquet files)."""
     config = as_config("pairs", config)
@@ -58,7 +71,7 @@ def run_pairs(config: PairsConfig | dict | str | Path) -> Path:
         "ranking",
         config.split,
         config.limit,
-        keep=lambda record: record.get("ranking") is not None or record.get("scores") is not None,
+        keep=_judged,
     )
     if config.min_margin > 0 and "scores" not in inputs.column_names:
         raise DataValidationError(
