@@ -47,6 +47,20 @@ CASES: dict[str, Case] = {
         ("dpo_model", "rev_dpo_model"),
     ),
     "mod": Case("sft.jsonl", {"stage": "d2d", "teacher_model_name_or_path": "{teacher}"}, ("teacher_model",)),
+    # two cycles of 8 prompts (sampling, noisy-oracle and likelihood ranking, PRO training): cycle 2 samples from
+    # the weights cycle 1 trained, which ZeRO-3 must gather first. `max_steps` applies to each cycle.
+    "cyclealign": Case(
+        "prompts.jsonl",
+        {
+            "cycles": 2,
+            "prompts_per_cycle": 8,
+            "num_responses": 3,
+            "max_new_tokens": 8,
+            "generation_batch_size": 8,
+            "min_agreement": 2,
+            "black_box": {"kind": "noisy_oracle", "function": "align_distill.synthetic:reward", "noise": 0.3},
+        },
+    ),
 }
 
 # Recipe keys shared by every case: a fixed, sequential data order so that one process with batch 2B sees the same
@@ -93,6 +107,12 @@ def zero_report(trainer: Any) -> dict[str, Any]:
     if not hasattr(engine, "zero_optimization_stage"):
         return report
     report["stage"] = engine.zero_optimization_stage()
+    for key, offload in (
+        ("offload_optimizer", engine.zero_offload_optimizer()),
+        ("offload_param", engine.zero_offload_param()),
+    ):
+        report[key] = None if offload is None else str(getattr(offload.device, "value", offload.device))
+    report["optimizer"] = type(engine.basic_optimizer).__name__
     params = [p for p in engine.module.parameters() if p.requires_grad]
     report["trainable_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     if report["stage"] == 3:
@@ -159,6 +179,8 @@ def run_method(spec: dict[str, Any], method: str, captured: list[Any]) -> dict[s
             "train_batch_size": trainer._train_batch_size,
         },
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        # every trainer the method ran, in order (CycleAlign: one per cycle; the other methods: one)
+        "all_losses": [[e["loss"] for e in t.state.log_history if "loss" in e] for t in captured],
         "zero": zero_report(trainer),
         "frozen": {name: frozen_report(getattr(trainer, name)) for name in CASES[method].frozen},
     }

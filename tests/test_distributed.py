@@ -10,13 +10,20 @@ configs/accelerate/*.yaml (+ configs/deepspeed/zero2.json), ZeRO-3 with the `dee
 configs/deepspeed/zero3.json with `stage3_param_persistence_threshold: 0`, so the tiny models are really
 partitioned.
 
+CycleAlign (two cycles: sample, rank, train) is compared the same way, cycle by cycle: its samples use per-row
+seeds, so splitting them into one store part per process changes none, and its loss is a mean over prompts.
+
 Tolerance: losses and final weights match the reference within `RTOL`/`ATOL` (fp32; only the order of the
 cross-process reductions differs).
+
+`test_zero3_offload_config_trains_on_two_processes` runs the shipped configs/deepspeed/zero3_offload.json once
+(SFT, 2 steps): it must train, with DeepSpeedCPUAdam and both offloads, on two processes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -113,7 +120,9 @@ def dist_data(tiny_models, tiny_tokenizer, tmp_path_factory) -> Path:
         {"id": row["id"], "prompt": row["prompt"], "completion_ids": tokenize(tiny_tokenizer, row["rejected"]) + eos}
         for row in pairs
     ]
-    for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs), ("responses.jsonl", responses)):
+    prompts = synthetic.prompt_rows(16, seed=7)  # CycleAlign: two cycles of 8 prompts
+    files = (("sft.jsonl", sft), ("pairs.jsonl", pairs), ("responses.jsonl", responses), ("prompts.jsonl", prompts))
+    for name, rows in files:
         (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out
 
@@ -122,28 +131,32 @@ def tokenize(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
 
 
+def build_op(module: str, builder: str, log: Path) -> None:
+    """JIT-build (or load from the torch extensions cache) one DeepSpeed op in a single process, so that two ranks
+    do not race for it; a failed build fails the test with the compiler's log."""
+    code = f"from {module} import {builder} as B; B().load()"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    try:
+        with open(log, "w") as handle:
+            subprocess.run(
+                [sys.executable, "-c", code], env=worker_env(), timeout=900, check=True, stdout=handle,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"building {builder} did not finish in 900s; a killed earlier build leaves a stale `lock` file under "
+            f"{root} that makes every later build wait: remove it if no build is running. Log:\n"
+            f"{log.read_text()[-3000:]}"
+        )
+    except subprocess.CalledProcessError:
+        pytest.fail(f"building {builder} failed (needs a C++ compiler and ninja); log:\n{log.read_text()[-6000:]}")
+
+
 @pytest.fixture(scope="module")
 def deepspeed_ops(tmp_path_factory) -> None:
     """Build DeepSpeed's CPU shared-memory comm extension once, in one process, before two ranks race for it."""
     pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
-    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
-    log = tmp_path_factory.mktemp("ds_build") / "build.log"
-    try:
-        subprocess.run(
-            [sys.executable, "-c", code],
-            env=worker_env(),
-            timeout=900,
-            check=True,
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-        )
-    except subprocess.TimeoutExpired:
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-        pytest.fail(
-            f"building deepspeed_shm_comm did not finish in 900s; a killed earlier build leaves a stale `lock` file "
-            f"under {root} that makes every later build wait: remove it if no build is running. Log:\n"
-            f"{log.read_text()[-3000:]}"
-        )
+    build_op("deepspeed.ops.op_builder.cpu", "ShareMemCommBuilder", tmp_path_factory.mktemp("ds_build") / "build.log")
 
 
 def launch(mode: str, spec: dict, out: Path) -> Path:
@@ -170,10 +183,10 @@ def launch(mode: str, spec: dict, out: Path) -> Path:
         if mode == "zero2":
             command += ["--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / "zero2.json")]
         command += [worker, str(spec_path)]
-    else:
-        ds = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    else:  # zero3, zero3_offload: the shipped config of that name
+        ds = json.loads((REPO / "configs" / "deepspeed" / f"{mode}.json").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny norms
-        spec["deepspeed"] = str(out / "zero3.json")
+        spec["deepspeed"] = str(out / f"{mode}.json")
         Path(spec["deepspeed"]).write_text(json.dumps(ds))
         hostfile = out / "hostfile"
         hostfile.write_text(f"node-0 slots={WORLD}\n")
@@ -291,6 +304,11 @@ def test_two_processes_match_one(distributed, reference, method):
     losses = ranks[0]["losses"]
     assert len(losses) == STEPS and ranks[1]["losses"] == losses
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single["losses"]), rtol=RTOL, atol=ATOL)
+    assert len(ranks[0]["all_losses"]) == len(single["all_losses"]) == (2 if method == "cyclealign" else 1)
+    for mine, theirs in zip(ranks[0]["all_losses"], single["all_losses"]):  # CycleAlign: every cycle's training
+        torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=RTOL, atol=ATOL)
+    if method == "cyclealign":
+        assert_same_cycles(out / method / "model", reference / method / "model")
     mine, theirs = saved_weights(out / method / "model"), saved_weights(reference / method / "model")
     assert theirs.keys() <= mine.keys()
     for extra in mine.keys() - theirs.keys():  # ZeRO-2 also writes the tied lm_head: a copy of the embedding
@@ -298,6 +316,54 @@ def test_two_processes_match_one(distributed, reference, method):
     for key in theirs:
         assert mine[key].shape == theirs[key].shape, key  # ZeRO-3 gathered full tensors on save
         torch.testing.assert_close(mine[key], theirs[key], rtol=RTOL, atol=ATOL, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_offload_config_trains_on_two_processes(spec, deepspeed_ops, tmp_path):
+    """The shipped configs/deepspeed/zero3_offload.json trains SFT on two processes: ZeRO-3 with the optimizer
+    (DeepSpeedCPUAdam, a C++ op JIT-built on first use: ~3.5 min on 2 cores, then cached under
+    ~/.cache/torch_extensions) and the parameters offloaded to the CPU. On a CPU-only box offloading moves nothing,
+    so this checks that the config is valid and trains, not that it saves accelerator memory."""
+    build_op("deepspeed.ops.op_builder", "CPUAdamBuilder", tmp_path / "cpu_adam.log")  # what DeepSpeedCPUAdam loads
+    out = launch("zero3_offload", {**spec, "methods": ["sft"], "steps": 2}, tmp_path / "run")
+    ranks = results(out, "sft", WORLD)
+    for result in ranks:
+        assert result["partial_state"]["num_processes"] == WORLD and result["trainer"]["num_processes"] == WORLD
+        assert result["partial_state"]["distributed_type"] == "DistributedType.DEEPSPEED"
+        zero = result["zero"]
+        assert zero["stage"] == 3 and zero["offload_optimizer"] == zero["offload_param"] == "cpu", zero
+        assert zero["optimizer"] == "DeepSpeedCPUAdam", zero
+        params = zero["params"]
+        assert params["zero3"] == params["count"] > 0 and params["visible_numel"] == 0, params
+        assert params["ds_numel"] / WORLD <= params["local_numel"] <= params["ds_numel"] / WORLD + params["count"]
+    losses = ranks[0]["losses"]
+    assert len(losses) == 2 and ranks[1]["losses"] == losses and all(math.isfinite(x) for x in losses), losses
+    before = saved_weights(Path(spec["models"]["student"]))
+    after = saved_weights(out / "sft" / "model")
+    assert before.keys() <= after.keys()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    for key in before:
+        assert after[key].shape == before[key].shape, key  # gathered whole on save
+    assert len(changed) == len(before), sorted(before.keys() - set(changed))  # every tensor got an Adam step
+
+
+def assert_same_cycles(run: Path, reference: Path) -> None:
+    """CycleAlign's cycles, sampled and ranked in one store part per process, hold what one process produced: the
+    same candidates, black-box and white-box rankings and training targets, every prompt trained on. Samples are
+    drawn with per-row seeds; cycle 2 samples from weights that equal the reference's only up to the order of the
+    cross-process reductions, which at fp32 changes no sampled token of these tiny runs (if it ever did, the losses
+    could not match either, and this comparison says where the runs parted)."""
+    for cycle in (1, 2):
+        folder = f"cycle_{cycle}"
+        rows = [json.loads(line) for line in (run / folder / "rankings.jsonl").read_text().splitlines()]
+        expected = [json.loads(line) for line in (reference / folder / "rankings.jsonl").read_text().splitlines()]
+        keys = ("id", "completions", "black_box", "white_box", "target")
+        assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in expected], folder
+        metrics = json.loads((run / folder / "metrics.json").read_text())
+        assert metrics["training_prompts"] == metrics["prompts"] == 8, metrics  # 2 full global batches per epoch
+        for store in ("samples", "black_box", "white_box"):  # one part per process
+            assert len(list((run / folder / store).glob("manifest-*-of-00002.json"))) == WORLD, store
 
 
 # -- the launch scripts ---------------------------------------------------------------------------------------------

@@ -432,3 +432,82 @@ def test_cli_trains_one_cycle_from_the_yaml_recipe(tiny_models, tmp_path):
         assert row["target"] == row["agreement"]
         assert pair["chosen"] in row["completions"] and pair["rejected"] in row["completions"]
         assert len(row["completions"]) <= 4
+
+
+@pytest.mark.slow
+def test_cli_lora_trains_only_the_adapter_samples_with_it_and_saves_it(tiny_models, tmp_path, monkeypatch):
+    """`use_peft` through the CLI: each cycle trains a LoRA adapter on the frozen student, cycle 2 samples and ranks
+    with cycle 1's adapter applied (not the bare base model), and the run folder holds an adapter that loads."""
+    import yaml
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    from align_distill import synthetic
+    from align_distill.cli import main
+    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+    from align_distill.data_gen.judges import LikelihoodJudge
+    from align_distill.models import load_model
+
+    trainers = []
+    original_train = Trainer.train
+
+    def train(self, *args, **kwargs):
+        trainers.append(self)
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic.prompt_rows(8, seed=6)))
+    out = tmp_path / "out"
+    recipe = tmp_path / "cyclealign_lora.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"model_name_or_path": str(tiny_models["student"]), "dataset_path": str(data), "output_dir": str(out),
+             "cycles": 2, "prompts_per_cycle": 4, "num_responses": 3, "max_new_tokens": 8, "max_steps": 3,
+             "per_device_train_batch_size": 2, "learning_rate": 5e-2, "save_strategy": "no", "logging_steps": 1,
+             "report_to": "none", "disable_tqdm": True, "gradient_checkpointing": False, "min_agreement": 2,
+             "black_box": {**ORACLE, "noise": 0.3}, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+             "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"]}
+        )
+    )  # fmt: skip
+    assert main(["train", "cyclealign", "--config", str(recipe)]) == 0
+
+    base = dict(load_model(tiny_models["student"], dtype="float32").named_parameters())
+    assert len(trainers) == 2
+    for trainer in trainers:  # only the adapter trained; the base weights are the student's, bit for bit
+        model = trainer.model
+        assert isinstance(model, PeftModel)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in name for name in trainable)
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                assert torch.equal(param, base[plain]), name
+        assert all(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # initialised at 0
+
+    # cycle 2 ranked with cycle 1's adapter applied: its white-box scores are the adapter model's, not the base's
+    def scores(model) -> list[float]:
+        generator = TransformersGenerator(model, trainers[0].processing_class)
+        return LikelihoodJudge(generator).score([row["prompt"]] * len(row["completions"]), row["completions"])
+
+    row = load_store(out / "cycle_2" / "white_box")[0]
+    adapted = PeftModel.from_pretrained(load_model(tiny_models["student"], dtype="float32"), out / "cycle_1" / "model")
+    with_adapter = scores(adapted.merge_and_unload())
+    without = scores(load_model(tiny_models["student"], dtype="float32"))
+    assert row["scores"] == pytest.approx(with_adapter, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(with_adapter, without)) > 1e-3
+
+    # the run folder holds the final adapter (no full weights), equal to cycle 2's, and it loads onto the student
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)
+    loaded = PeftModel.from_pretrained(load_model(tiny_models["student"], dtype="float32"), out)
+    final = {n: p for n, p in trainers[-1].model.named_parameters() if "lora_" in n}
+    loaded_lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert loaded_lora.keys() == final.keys()
+    for name, param in final.items():
+        torch.testing.assert_close(loaded_lora[name], param.detach(), msg=name)
+
+    # a rerun resumes the adapter run (same LoRA settings in the run's identity): both cycles done, nothing trains
+    assert main(["train", "cyclealign", "--config", str(recipe)]) == 0 and len(trainers) == 2

@@ -14,12 +14,20 @@ One cycle (§2), each step writing into `output_dir/cycle_<k>/`:
     model/              the white box after the cycle; `metrics.json` marks the cycle done
 
 A rerun with the same `output_dir` skips finished cycles, resumes the stores where they stopped (exactly once)
-and training from the cycle's last checkpoint. `CycleAlignTrainer` is the training step alone: PRO's list-wise
-loss plus SFT on the top response (`align_distill.losses.pro_loss`) on prompt / completions / ranking rows.
+and training from the cycle's last checkpoint.
+
+Several processes (`torchrun`, `accelerate launch`, `deepspeed`) all run the loop: sampling and both rankings are
+split into one store part per process, the main process writes the files, and PRO training is the Trainer's (DDP,
+ZeRO-2, ZeRO-3). A LoRA white box (`peft_config`) samples and ranks with its adapter applied, and each cycle's
+`model/` holds the adapter.
+
+`CycleAlignTrainer` is the training step alone: PRO's list-wise loss plus SFT on the top response
+(`align_distill.losses.pro_loss`) on prompt / completions / ranking rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -34,7 +42,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from align_distill.losses import pro_loss
@@ -337,9 +345,11 @@ class CycleAlignTrainer(Trainer):
             scores = seq_logps / seq_lengths.clamp(min=1) if self.args.length_normalise else seq_logps
             best = scores.masked_fill(~valid, float("-inf")).argmax(dim=1)
             mode = "train" if model.training else "eval"
-            self._metrics[mode]["rank_loss"].append(rank_losses.mean().item())
-            self._metrics[mode]["sft_nll"].append(sft_nlls.mean().item())
-            self._metrics[mode]["top1_accuracy"].append((best == 0).float().mean().item())
+            local = torch.stack([rank_losses.mean(), sft_nlls.mean(), (best == 0).float().mean()]).float()
+            # every process's batch mean (equal batch sizes: their mean is the global batch's), not only this one's
+            values = self.accelerator.gather(local[None]).mean(dim=0).tolist()
+            for key, value in zip(("rank_loss", "sft_nll", "top1_accuracy"), values):
+                self._metrics[mode][key].append(value)
         return (loss, {"scores": scores}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -378,6 +388,47 @@ def _number(value: Any) -> float:
 
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
+
+
+# -- several processes ------------------------------------------------------------------------------------------
+
+
+def _process() -> tuple[int, int]:
+    """(rank, world size) of the launched process group; (0, 1) in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    """Wait for every process: a file the main process wrote (or a store part another wrote) is then complete."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _zero3() -> bool:
+    """DeepSpeed ZeRO-3 is active (the training arguments name a stage-3 config): models load partitioned."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _whole_models():
+    """Build models whole even under ZeRO-3 (the black-box judge, the white box's sampling copy): a partitioned
+    model cannot run outside a DeepSpeed engine. aligndistil's rollout copy needs the same."""
+    from align_distill.trainers.aligndistil import _without_zero3_init
+
+    return _without_zero3_init() if _zero3() else contextlib.nullcontext()
+
+
+def _is_peft(model: Any) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
 
 
 def cycle_prompts(prompts: datasets.Dataset, cycle: int, cycles: int, per_cycle: int | None) -> list[dict]:
@@ -466,8 +517,10 @@ class CycleAlign:
     """The CycleAlign loop (spec §2) over `prompts` (a dataset with `id` and `prompt`).
 
     `model` is a loaded white box or a model folder; `black_box` a data_gen `Judge` (default: built from
-    `args.black_box`). `callbacks` go to each cycle's `CycleAlignTrainer`. `run()` returns the metrics of every
-    cycle (also in `output_dir/cycle_metrics.json`) and leaves the final white box in `self.model`.
+    `args.black_box`). `callbacks` go to each cycle's `CycleAlignTrainer`. `peft_config` (a `peft.PeftConfig`,
+    e.g. `methods.common.peft_config_from(model_args)`) trains a LoRA adapter instead of the full weights.
+    `run()` returns the metrics of every cycle (also in `output_dir/cycle_metrics.json`) and leaves the final white
+    box in `self.model`; `save(folder)` copies it (full weights, or the adapter) there.
     """
 
     def __init__(
@@ -479,6 +532,7 @@ class CycleAlign:
         black_box: Any = None,
         callbacks: list | None = None,
         model_loader: Callable[[str], PreTrainedModel] | None = None,
+        peft_config: Any = None,
     ):
         from align_distill.cyclealign_judges import DemonstrationPool, make_black_box, static_demonstrations
 
@@ -489,11 +543,16 @@ class CycleAlign:
             raise ValueError(f"CycleAlign prompts need columns id and prompt; missing {missing}")
         self.args, self.tokenizer, self.prompts, self.callbacks = args, tokenizer, prompts, callbacks
         self.model_loader = model_loader or _default_loader
-        self.model: PreTrainedModel | None = None if isinstance(model, str) else model
+        self.peft_config = peft_config
+        self.model: Any = None if isinstance(model, str) else model
         self.model_source = str(model) if isinstance(model, str) else getattr(model, "name_or_path", "") or "in-memory"
         self.initial_source = self.model_source
+        self.final_source: str | None = None  # the last cycle's model folder, once run() has finished
         self.owns_black_box = black_box is None
-        self.black_box = black_box if black_box is not None else make_black_box(args.black_box)
+        if black_box is None:
+            with _whole_models():  # an LLM judge on every process must be whole, also under ZeRO-3
+                black_box = make_black_box(args.black_box)
+        self.black_box = black_box
         # what the black-box store's fingerprint records; a judge object given without settings by its class
         judge_class = f"{type(self.black_box).__module__}:{type(self.black_box).__qualname__}"
         self.black_box_settings = args.black_box or {"kind": "callable", "function": judge_class}
@@ -517,15 +576,19 @@ class CycleAlign:
             "prompts_per_cycle": self.args.prompts_per_cycle,
             "seed": self.args.seed,
         }
+        if self.peft_config is not None:  # an adapter run and a full-weight run do not continue each other
+            peft = self.peft_config.to_dict()
+            identity["peft"] = {k: sorted(v) if isinstance(v, set) else v for k, v in peft.items()}  # sets: no order
         path = self.run_dir / "cyclealign_run.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text()) if path.exists() else None
+        _barrier()  # every process has read it before the main process writes it
+        if stored is not None:
             differ = {k: (stored.get(k), v) for k, v in json.loads(json.dumps(identity, default=str)).items()}
             differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
             if differ:
                 lines = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in differ.items())
                 raise ValueError(f"{self.run_dir} holds another CycleAlign run ({lines}); use a new output_dir")
-        else:
+        elif _process()[0] == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(identity, indent=2, default=str))
 
@@ -541,18 +604,55 @@ class CycleAlign:
                 found[row["id"]] = [row[c] for c in columns if row[c] is not None]
         return found
 
-    def _ensure_model(self, source: str) -> PreTrainedModel:
+    def _ensure_model(self, source: str) -> Any:
+        """The white box at `source` (a model folder, or a cycle's adapter folder on the initial model); with
+        `peft_config` a trainable LoRA model."""
         if self.model is None or self.model_source != source:
             logger.info("cyclealign: loading the white box from %s", source)
-            self.model = self.model_loader(source)
+            if (Path(source) / "adapter_config.json").exists():
+                from peft import PeftModel
+
+                base = self.model_loader(self.initial_source)
+                self.model = PeftModel.from_pretrained(base, source, is_trainable=True)
+            else:
+                self.model = self.model_loader(source)
             self.model_source = source
+        if self.peft_config is not None and not _is_peft(self.model):
+            from peft import get_peft_model
+
+            # as TRL's trainers: under ZeRO-3 the adapter keeps the base dtype (mixed dtypes break its all-gather)
+            self.model = get_peft_model(self.model, self.peft_config, autocast_adapter_dtype=not _zero3())
         return self.model
+
+    def _sampler(self, model: Any) -> Any:
+        """The white box as a `TransformersGenerator` for sampling and likelihood ranking. A LoRA model samples
+        through its base model, whose layers carry the adapter. Under ZeRO-3 the parameters are shards: every
+        process takes part in gathering them into a whole local copy (LoRA merged), which samples its own part."""
+        from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+
+        base = model.get_base_model() if _is_peft(model) else model
+        if _zero3():
+            from align_distill.trainers.aligndistil import student_weights
+
+            with _whole_models():
+                whole = AutoModelForCausalLM.from_config(
+                    base.config, dtype=base.dtype, trust_remote_code=self.args.trust_remote_code
+                )
+            whole.generation_config = base.generation_config
+            target = dict(whole.named_parameters())
+            with torch.no_grad():
+                for name, tensor in student_weights(model, zero3=True):
+                    target[name].copy_(tensor)
+            base = whole
+        base.to(self.args.device)
+        return TransformersGenerator(base, self.tokenizer, batch_size=self.args.generation_batch_size)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         from align_distill.cyclealign_judges import DemonstrationPool
 
         self._check_run()
+        main = _process()[0] == 0
         history: list[dict[str, Any]] = []
         source = self.initial_source
         try:
@@ -563,34 +663,52 @@ class CycleAlign:
                     history.append(json.loads(done.read_text()))
                     self.pool = DemonstrationPool.load(folder / "pool.json", self.static)
                     source = str(folder / "model")
-                    print(f"cyclealign: cycle {cycle}/{self.args.cycles} done, skipped", flush=True)
+                    if main:
+                        print(f"cyclealign: cycle {cycle}/{self.args.cycles} done, skipped", flush=True)
                     continue
                 metrics = self.run_cycle(cycle, source)
                 history.append(metrics)
                 source = str(folder / "model")
-                (self.run_dir / "cycle_metrics.json").write_text(json.dumps(history, indent=2))
+                if main:
+                    (self.run_dir / "cycle_metrics.json").write_text(json.dumps(history, indent=2))
             self._ensure_model(source)
+            self.final_source = source
         finally:
             if self.owns_black_box:
                 self.black_box.close()
-        (self.run_dir / "cycle_metrics.json").write_text(json.dumps(history, indent=2))
+        if main:
+            (self.run_dir / "cycle_metrics.json").write_text(json.dumps(history, indent=2))
+        _barrier()
         return history
 
+    def save(self, target: str | os.PathLike) -> None:
+        """Put the final white box (its folder as the last cycle saved it: weights or adapter, and tokenizer) in
+        `target`. A copy, not `save_pretrained`: under ZeRO-3 `self.model` holds only this process's shards."""
+        if _process()[0] == 0:
+            if self.final_source is None:
+                raise ValueError("CycleAlign.save: the loop has not finished; call run() first")
+            shutil.copytree(self.final_source, target, dirs_exist_ok=True)
+        _barrier()
+
     def run_cycle(self, cycle: int, source: str) -> dict[str, Any]:
-        """One cycle from the white box at `source`; every step resumes from what `cycle_<k>/` already holds."""
+        """One cycle from the white box at `source`; every step resumes from what `cycle_<k>/` already holds.
+        Each process samples and ranks its part of the prompts; all read the merged stores."""
         from align_distill.data_gen import load_store, run_rank, run_rollout
-        from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
         from align_distill.data_gen.judges import LikelihoodJudge, import_function
 
         args, folder = self.args, self.cycle_dir(cycle)
+        rank, world = _process()
+        main, parts = rank == 0, {"part": rank, "num_parts": world}
         folder.mkdir(parents=True, exist_ok=True)
         model = self._ensure_model(source)
         metrics: dict[str, Any] = {"cycle": cycle}
 
         # 1. sample N distinct responses per prompt from the current white box
         prompts = cycle_prompts(self.prompts, cycle, args.cycles, args.prompts_per_cycle)
-        _write_jsonl(folder / "prompts.jsonl", prompts)
-        generator = TransformersGenerator(model, self.tokenizer, batch_size=args.generation_batch_size)
+        if main:
+            _write_jsonl(folder / "prompts.jsonl", prompts)
+        _barrier()
+        generator = self._sampler(model)
         rollout = {
             "input": str(folder / "prompts.jsonl"),
             "output_dir": str(folder / "samples"),
@@ -601,8 +719,11 @@ class CycleAlign:
             "max_new_tokens": args.max_new_tokens,
             "seed": args.seed + cycle,
             "progress": False,
+            **parts,
         }
-        samples = load_store(run_rollout(rollout, generator=generator)).to_list()
+        run_rollout(rollout, generator=generator)
+        _barrier()
+        samples = load_store(folder / "samples").to_list()
         extra = self._dataset_responses(prompts)
         candidates = []
         for row in samples:
@@ -618,12 +739,15 @@ class CycleAlign:
                 "temperature or oversample"
             )
         metrics["candidates_per_prompt"] = _mean([len(c["completions"]) for c in candidates])
-        _write_jsonl(folder / "candidates.jsonl", candidates)
+        if main:
+            _write_jsonl(folder / "candidates.jsonl", candidates)
 
         # 2. the black box ranks, shown static + dynamic demonstrations from the pool as it was at the cycle start
         from align_distill.cyclealign_judges import ICLRanker, judge_spec
 
-        self.pool.save(folder / "demonstrations.json")
+        if main:
+            self.pool.save(folder / "demonstrations.json")
+        _barrier()
         ranker = ICLRanker(
             self.black_box,
             self.pool,
@@ -633,26 +757,27 @@ class CycleAlign:
             seed=args.seed + cycle,
             max_prompt_chars=args.max_judge_prompt_chars,
         )
-        rank_common = {"input": str(folder / "candidates.jsonl"), "progress": False}
+        rank_common = {"input": str(folder / "candidates.jsonl"), "progress": False, **parts}
         black_spec = vars(judge_spec(self.black_box_settings))
-        black = load_store(
-            run_rank({**rank_common, "output_dir": str(folder / "black_box"), "judge": black_spec}, judge=ranker)
-        ).to_list()
+        run_rank({**rank_common, "output_dir": str(folder / "black_box"), "judge": black_spec}, judge=ranker)
 
         # 3. the white box ranks by its own length-normalised likelihood (§4), before this cycle's update
         white_spec = {"kind": "likelihood", "model": source, "normalize": args.length_normalise}
-        white = load_store(
-            run_rank(
-                {**rank_common, "output_dir": str(folder / "white_box"), "judge": white_spec},
-                judge=LikelihoodJudge(generator, normalize=args.length_normalise),
-            )
-        ).to_list()
+        run_rank(
+            {**rank_common, "output_dir": str(folder / "white_box"), "judge": white_spec},
+            judge=LikelihoodJudge(generator, normalize=args.length_normalise),
+        )
+        del generator  # under ZeRO-3 a whole copy of the white box: free it before training
+        _barrier()
+        black = load_store(folder / "black_box").to_list()
+        white = load_store(folder / "white_box").to_list()
 
-        # 4.-5. agreement, demonstration pool update, training target
+        # 4.-5. agreement, demonstration pool update, training target (the same on every process)
         reward = import_function(args.reward_function) if args.reward_function else None
         rows, agreement = rank_agreement(candidates, black, white, args.training_target, self.pool, cycle, reward)
-        _write_jsonl(folder / "rankings.jsonl", rows)
-        self.pool.save(folder / "pool.json")
+        if main:
+            _write_jsonl(folder / "rankings.jsonl", rows)
+            self.pool.save(folder / "pool.json")
         metrics.update(agreement)
 
         # 6. train the white box on this cycle's rankings
@@ -662,23 +787,36 @@ class CycleAlign:
             if r["target"] is not None and len(r["target"]) >= 2
         ]
         metrics["training_prompts"] = len(train_rows)
+        trainer = None
         if train_rows:
-            metrics.update(self._train(cycle, model, train_rows, metrics))
+            trainer, trained = self._train(cycle, model, train_rows, metrics)
+            metrics.update(trained)
         else:
             logger.warning("cyclealign: cycle %d has no ranked prompt to train on; the white box is unchanged", cycle)
-        self._save_model(model, folder / "model")
-        self.model_source = str(folder / "model")
+        self._save_model(model, folder / "model", trainer)
+        # The next cycle loads this folder afresh: a trainer's DDP reducer / DeepSpeed engine stays hooked to the
+        # module it wrapped, and a second trainer must not wrap the same module again.
+        self.model = None
         metrics["demonstration_pool"] = len(self.pool.entries)
-        done = folder / "metrics.json"
-        done.with_suffix(".tmp").write_text(json.dumps(metrics, indent=2))
-        done.with_suffix(".tmp").replace(done)
-        print(_summary(metrics, args.cycles), flush=True)
+        if main:
+            done = folder / "metrics.json"
+            done.with_suffix(".tmp").write_text(json.dumps(metrics, indent=2))
+            done.with_suffix(".tmp").replace(done)
+            print(_summary(metrics, args.cycles), flush=True)
+        _barrier()
         return metrics
 
-    def _train(self, cycle: int, model: PreTrainedModel, rows: list[dict], cycle_metrics: dict) -> dict[str, Any]:
+    def _train(
+        self, cycle: int, model: Any, rows: list[dict], cycle_metrics: dict
+    ) -> tuple[CycleAlignTrainer, dict[str, Any]]:
         """PRO training on the cycle's ranked rows; the cycle's metrics go to the trainer's loggers too."""
+        from accelerate.state import AcceleratorState
+
         args = copy.copy(self.args)
         args.output_dir = str(self.cycle_dir(cycle) / "checkpoints")
+        # accelerate refuses a second Accelerator that brings a DeepSpeed plugin into an existing state (the last
+        # cycle's trainer): start this cycle's from a fresh state, as new training arguments would
+        AcceleratorState._reset_state()
         trainer = CycleAlignTrainer(
             model=model,
             args=args,
@@ -687,27 +825,39 @@ class CycleAlign:
             callbacks=self.callbacks,
         )
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last:
+        if last and _process()[0] == 0:
             print(f"cyclealign: cycle {cycle}: resuming training from {last}", flush=True)
         result = trainer.train(resume_from_checkpoint=last)
-        self.model = trainer.model
         metrics = {"train_loss": result.training_loss, "train_steps": result.global_step}
         history = [h for h in trainer.state.log_history if "rank_loss" in h]
         if history:
             metrics.update({k: history[-1][k] for k in ("rank_loss", "sft_nll", "top1_accuracy") if k in history[-1]})
         numbers = {**cycle_metrics, **metrics}
         trainer.log({f"cyclealign/{k}": float(v) for k, v in numbers.items() if isinstance(v, (int, float))})
-        return metrics
+        return trainer, metrics
 
-    def _save_model(self, model: PreTrainedModel, target: Path) -> None:
+    def _save_model(self, model: Any, target: Path, trainer: CycleAlignTrainer | None) -> None:
+        """Write the cycle's white box (full weights, or a LoRA model's adapter) and the tokenizer to `target`.
+        Every process calls it: under ZeRO-3 saving gathers the shards; the main process writes."""
+        from align_distill.trainers.aligndistil import _gathered
+
+        main = _process()[0] == 0
         tmp = target.with_name(f".{target.name}.tmp")
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _barrier()
+        if trainer is not None:
+            trainer.save_model(str(tmp))  # the Trainer's own save: ZeRO-3 16-bit gather, PEFT adapter only
+        else:
+            with _gathered(list(model.parameters()), _zero3()):
+                if main:
+                    model.save_pretrained(tmp)
+        if main:
+            self.tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        _barrier()
 
 
 def _default_loader(source: str) -> PreTrainedModel:
