@@ -223,7 +223,12 @@ def build_pipeline(
         if name in by_name
     }
     if "student_dpo" in curve_runs and len(curve_runs) > 1:  # DPO vs at least one AlignDistil variant
-        curves = Stage("convergence", "call", "align_distill.synthetic.curves:reward_curves", {"runs": curve_runs, "every": 10, "n": 200})
+        curves = Stage(
+            "convergence",
+            "call",
+            "align_distill.synthetic.curves:reward_curves",
+            {"runs": curve_runs, "every": 10, "n": 200},
+        )
         stages.append(curves)
         evaluate["curves"] = "${convergence}"
     stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", evaluate))

@@ -38,7 +38,7 @@ def test_quickstart_reports_reward_vs_steps_for_dpo_and_aligndistil(tmp_path):
     results = run_quickstart(run_dir=run_dir, smoke=True, methods=["dpo", "aligndistil"])
     curves = json.loads((run_dir / "convergence" / "curves.json").read_text())
     assert set(curves) == {"student_dpo", "aligndistil_off"}
-    for label, points in curves.items():
+    for points in curves.values():
         assert [p["step"] for p in points] == [0, 2]
         assert points[0]["reward"] == pytest.approx(results["student_sft"]["reward"])
     assert curves["student_dpo"][-1]["reward"] == pytest.approx(results["student_dpo"]["reward"])
