@@ -382,3 +382,40 @@ def test_response_nll_is_chunked_cross_entropy_with_its_gradient():
     (grad_got,) = torch.autograd.grad(got.sum(), logits)
     (grad_expected,) = torch.autograd.grad(expected.sum(), logits)
     assert torch.allclose(grad_got, grad_expected)
+
+
+@pytest.mark.slow
+def test_pd_stage_trains_a_lora_adapter_and_mimic_stages_refuse_lora(tiny_models, tmp_path, run_method):
+    """LoRA in the preference stage: only adapter weights train, the teacher stays the reference, `output_dir` holds
+    an adapter that loads on the student; the mimic stages refuse use_peft (their trainable sets are the method)."""
+    from peft import PeftModel
+
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(8, seed=1))
+    lora = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]}
+    teacher = str(tiny_models["teacher"])
+    metrics = run_method(
+        "mod",
+        stage="pd",
+        model_name_or_path=str(tiny_models["student"]),
+        teacher_model_name_or_path=teacher,
+        dataset_path=str(pairs),
+        max_steps=2,
+        learning_rate=1e-2,
+        **lora,
+    )
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] / 10
+    saved = tmp_path / "student"
+    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+    base = load_model(tiny_models["student"], dtype="float32")
+    adapted = PeftModel.from_pretrained(base, saved)
+    lora_weights = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_weights and any(p.abs().sum() > 0 for p in lora_weights)  # B starts at 0: it trained
+    with pytest.raises(SystemExit, match="stage pd only"):
+        run_method(
+            "mod",
+            stage="d2d",
+            model_name_or_path=str(tiny_models["student"]),
+            teacher_model_name_or_path=teacher,
+            dataset_path=str(pairs),
+            **lora,
+        )

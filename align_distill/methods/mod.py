@@ -22,7 +22,14 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import ModelConfig
 
-from .common import DataArguments, default_precision, load_method_dataset, require_dataset, save_final
+from .common import (
+    DataArguments,
+    default_precision,
+    load_method_dataset,
+    peft_config_from,
+    require_dataset,
+    save_final,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +198,14 @@ def build_trainer(
 
     stage = mod_args.stage
     require_dataset(data_args, f"mod (stage {stage})")
+    peft_config = peft_config_from(model_args)
+    if peft_config is not None and stage != "pd":
+        raise SystemExit(
+            f"align-distill train mod: use_peft (LoRA) is supported in stage pd only, found stage {stage}: the mimic "
+            "stages' trainable sets are the method (d2d: the whole language model and projector; d2s: the experts "
+            "that upcycling creates, routers and projector, which must be saved in full). Train d2d/d2s in full and "
+            "use LoRA for the preference stage."
+        )
     if not mod_args.teacher_model_name_or_path and not mod_args.teacher_signals_path:
         raise SystemExit("align-distill train mod: set teacher_model_name_or_path or teacher_signals_path")
     student_path = model_args.model_name_or_path
@@ -236,7 +251,7 @@ def build_trainer(
             common["train_dataset"] = teacher_logps_from_signals(train, signals)
             if evaluation is not None:
                 common["eval_dataset"] = teacher_logps_from_signals(evaluation, signals)
-        return MoDPreferenceTrainer(model=student, teacher_model=teacher, **common)
+        return MoDPreferenceTrainer(model=student, teacher_model=teacher, peft_config=peft_config, **common)
     signals = None
     if teacher is None:
         from align_distill.data_gen import load_signals
