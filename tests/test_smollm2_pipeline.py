@@ -43,7 +43,7 @@ def test_config_parses_and_every_stage_config_validates():
         if stage.kind == "train":
             parser = HfArgumentParser(method_module(stage.target).DATACLASSES)
             parser.parse_dict({**config, "output_dir": "/nonexistent"}, allow_extra_keys=False)
-            assert config["max_length"] <= 128 and config["max_steps"] <= 60
+            assert config["max_length"] <= 128 and config["max_steps"] <= 150
         elif stage.kind == "generate":
             as_config(stage.target, {**config, "output_dir": "/nonexistent"})
         else:
