@@ -148,7 +148,8 @@ class Pipeline:
 
         def note_file(text: str) -> str:
             path = Path(text)
-            inside_run = self.run_dir.resolve() in path.resolve().parents
+            # the run folder itself (`${run_dir}`) counts as inside: hashing it would hash every stage's output
+            inside_run = path.resolve() == self.run_dir.resolve() or self.run_dir.resolve() in path.resolve().parents
             if len(text) < 4096 and not inside_run and path.exists():
                 inputs[text] = file_fingerprint(path)
             return text
