@@ -10,6 +10,7 @@ import torch
 
 # Tiny models gain nothing from intra-op threads, and the distributed / vLLM tests start extra processes on a
 # 2-core machine: one thread each avoids oversubscription (measured here: 2 threads were up to 30x slower under load).
+# Set once for the whole session (no test raises it), so no OpenMP pool is active when a test forks.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 

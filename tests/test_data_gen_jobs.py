@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from align_distill.data import DataValidationError, validate
 from align_distill.data_gen import FingerprintMismatch, load_store, run_job
@@ -15,14 +14,6 @@ from align_distill.data_gen.config import ConfigError, load_config, parse_overri
 from align_distill.data_gen.jobs import preference_pairs
 from align_distill.data_gen.tokens import encode_prompt
 from align_distill.synthetic import preference_rows, prompt_rows, respond
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_jsonl(path, rows) -> str:

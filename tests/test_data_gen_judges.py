@@ -23,14 +23,6 @@ from align_distill.data_gen.judges import (
 from align_distill.data_gen.tokens import encode_prompt_response
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize(
     "answer, expected",
     [

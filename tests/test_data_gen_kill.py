@@ -11,19 +11,9 @@ import signal
 import time
 
 import pytest
-import torch
 
 from align_distill.data_gen import load_store, run_job
 from align_distill.synthetic import prompt_rows
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: fast for tiny models, and no OpenMP pool is active when the test forks."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _job(config: dict) -> None:

@@ -16,14 +16,6 @@ from align_distill.models.tiny import train_tiny_tokenizer
 from align_distill.synthetic import preference_rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_models) -> dict[str, TransformersGenerator]:
     return {

@@ -11,15 +11,6 @@ from align_distill.data_gen.tokens import encode_prompt, encode_prompt_response
 from align_distill.synthetic import prompt_rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CI box does not thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher(tiny_models) -> TransformersGenerator:
     return make_generator("transformers", str(tiny_models["teacher"]), batch_size=4)
