@@ -47,11 +47,12 @@ def pair_data(n=8):
     return Dataset.from_list(synthetic.preference_rows(n, seed=1))
 
 
-def _snapshot(model):
+def snapshot(model):
+    """A copy of every parameter, to see later which ones training changed."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _changed(model, before):
+def changed_names(model, before):
     return {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
 
 
@@ -80,9 +81,9 @@ def test_d2d_trains_the_whole_model_with_kd_only(models, tmp_path):
     trainer = _mimic(student, teacher, tokenizer, tmp_path, stage="d2d")
     assert trainer.args.ce_coef == 0.0
     assert all(p.requires_grad for p in student.parameters())
-    before = _snapshot(student)
+    before = snapshot(student)
     trainer.train()
-    assert _changed(student, before) == set(before)  # dense: every parameter moves
+    assert changed_names(student, before) == set(before)  # dense: every parameter moves
     kd = _logged(trainer, "kd_loss")
     assert len(kd) == 2 and all(math.isfinite(v) and v > 0 for v in kd)
     assert _logged(trainer, "loss") == pytest.approx(kd, rel=1e-5)  # loss = KD, nothing else
@@ -119,9 +120,9 @@ def test_d2s_trains_only_ffn_experts_routers_with_kd_ce_balancing(models, tmp_pa
     assert {n for n, p in moe.named_parameters() if p.requires_grad} == trainable
     assert any(".mlp.gate." in n for n in trainable) and any(".mlp.experts." in n for n in trainable)
     assert not any("self_attn" in n or "embed" in n or "norm" in n for n in trainable)
-    before = _snapshot(moe)
+    before = snapshot(moe)
     trainer.train()
-    changed = _changed(moe, before)
+    changed = changed_names(moe, before)
     frozen = set(before) - trainable
     assert frozen and not (changed & frozen)  # frozen parameters are bit-for-bit unchanged
     assert any(".mlp.gate." in n for n in changed) and any(".mlp.experts." in n for n in changed)
@@ -194,9 +195,9 @@ def test_preference_precomputed_teacher_is_freed_and_moe_student_trains_d2s_set(
     assert trainer.ref_model is None  # teacher log-probs live in the dataset now
     assert set(trainer.train_dataset.column_names) >= {"ref_chosen_logps", "ref_rejected_logps"}
     trainable = set(d2s_parameter_names(moe))
-    before = _snapshot(moe)
+    before = snapshot(moe)
     trainer.train()
-    changed = _changed(moe, before)
+    changed = changed_names(moe, before)
     assert changed and changed <= trainable
     logs = trainer.state.log_history[0]
     for key in ("aux_loss", "sft_loss", "rewards/chosen", "rewards/margins", "teacher_logps/chosen"):
@@ -286,9 +287,9 @@ def test_mimic_from_a_full_vocabulary_signal_cache_equals_the_live_teacher(model
     live_loss = live.compute_loss(live.model, dict(live_batch)).item()
     cached_loss = cached.compute_loss(cached.model, dict(cached_batch)).item()
     assert cached_loss == pytest.approx(live_loss, rel=5e-3)  # the cache stores fp16 log-probs
-    before = _snapshot(cached.model)
+    before = snapshot(cached.model)
     cached.train()
-    assert _changed(cached.model, before)
+    assert changed_names(cached.model, before)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from test_trainer_mod import changed_names, snapshot
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from align_distill.losses import sequence_logps, teacher_ref_preference_loss
@@ -41,14 +42,6 @@ def llava(tmp_path_factory):
     return paths, processor, teacher, student
 
 
-def _snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def _changed(model, before):
-    return {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
-
-
 def _vision(names):
     return {n for n in names if "vision_tower" in n}
 
@@ -71,9 +64,9 @@ def test_both_stages_end_to_end_on_tiny_llava(llava, tmp_path):
     )
     batch = d2d._prepare_inputs(next(iter(d2d.get_train_dataloader())))
     assert "pixel_values" in batch and (batch["labels"] != -100).any()
-    before = _snapshot(student)
+    before = snapshot(student)
     d2d.train()
-    changed = _changed(student, before)
+    changed = changed_names(student, before)
     assert changed == names - _vision(names)
     assert any("multi_modal_projector" in n for n in changed)
     assert all(math.isfinite(log["kd_loss"]) for log in d2d.state.log_history if "kd_loss" in log)
@@ -89,9 +82,9 @@ def test_both_stages_end_to_end_on_tiny_llava(llava, tmp_path):
         train_dataset=sft,
         processing_class=processor,
     )
-    before = _snapshot(moe)
+    before = snapshot(moe)
     d2s.train()
-    changed = _changed(moe, before)
+    changed = changed_names(moe, before)
     frozen = set(before) - trainable
     assert not (changed & frozen) and _vision(frozen) == _vision(set(before))
     assert any("multi_modal_projector" in n for n in changed) and any(".mlp.gate." in n for n in changed)
@@ -118,9 +111,9 @@ def test_both_stages_end_to_end_on_tiny_llava(llava, tmp_path):
     chosen, rejected = sequence_logps(aligned, labels, mask).chunk(2)
     assert torch.allclose(batch["ref_chosen_logps"], chosen, atol=1e-3)
     assert torch.allclose(batch["ref_rejected_logps"], rejected, atol=1e-3)
-    before = _snapshot(moe)
+    before = snapshot(moe)
     pd.train()
-    changed = _changed(moe, before)
+    changed = changed_names(moe, before)
     assert changed and changed <= trainable
     assert pd.state.log_history[0]["aux_loss"] >= 2.0 - 1e-5
     assert 0.0 <= visual.evaluate_visual(moe, processor, n=4).reward <= 1.0
