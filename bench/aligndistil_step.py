@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from types import SimpleNamespace
 
 from bench.common import run_worker
@@ -114,37 +113,21 @@ def _step_fn(name: str, student, teachers, batch, vocab: int, chunk_size: int | 
 def _worker(opts: argparse.Namespace) -> dict:
     import torch
 
-    from bench.common import peak_rss_mb, rss_mb
+    from bench.common import measure_backward
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     student, teachers = _models(opts.vocab, opts.seq)
     batch = _batch(opts.vocab, opts.seq, opts.response_fraction)
     fn = _step_fn(opts.worker, student, teachers, batch, opts.vocab, opts.chunk_size)
-    rss_before = rss_mb()
-    t0 = time.perf_counter()
-    loss = fn()
-    loss.backward()
-    first = time.perf_counter() - t0
-    peak = peak_rss_mb()
-    value, grad_norm = loss.item(), float(sum(p.grad.norm() ** 2 for p in student.parameters()) ** 0.5)
-    times = []
-    for _ in range(opts.repeats):
+
+    def grad_norm() -> dict:
+        return {"grad_norm": float(sum(p.grad.norm() ** 2 for p in student.parameters()) ** 0.5)}
+
+    def clear_grads() -> None:
         student.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        fn().backward()
-        times.append(time.perf_counter() - t0)
-    return {
-        "name": opts.worker,
-        "loss": value,
-        "grad_norm": grad_norm,
-        "first_s": first,
-        "times_s": times or [first],
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": peak,
-        "extra_mb": peak - rss_before,
-        "threads": torch.get_num_threads(),
-    }
+
+    return {"name": opts.worker, **measure_backward(fn, clear_grads, opts.repeats, after_first=grad_norm)}
 
 
 def _spawn(name: str, opts: argparse.Namespace) -> dict:

@@ -7,7 +7,10 @@ import os
 import resource
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +60,43 @@ def generation_models(folder: Path, full: bool) -> dict[str, Path]:
         tokenizer.save_pretrained(folder / "small")
         models["small"] = folder / "small"
     return models
+
+
+def measure_backward(
+    loss_fn: Callable[[], Any],
+    clear_grads: Callable[[], None],
+    repeats: int,
+    after_first: Callable[[], dict] | None = None,
+) -> dict:
+    """The memory/time protocol of the loss and step benchmarks, run inside a fresh worker process.
+
+    The first forward + backward gives the extra peak memory over the resident set before it (`extra_mb`, incl. the
+    gradients it must produce) and `first_s`; then `repeats` timed forward + backward runs, gradients cleared before
+    each. Returns the loss value of the first run with those numbers, plus what `after_first()` reports right after
+    the first backward (e.g. a gradient norm).
+    """
+    import torch
+
+    rss_before = rss_mb()
+    started = time.perf_counter()
+    loss = loss_fn()
+    loss.backward()
+    first = time.perf_counter() - started
+    peak = peak_rss_mb()
+    extra = after_first() if after_first is not None else {}
+    times = []
+    for _ in range(repeats):
+        clear_grads()
+        started = time.perf_counter()
+        loss_fn().backward()
+        times.append(time.perf_counter() - started)
+    return {
+        "loss": loss.item(),
+        "first_s": first,
+        "times_s": times or [first],
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": peak,
+        "extra_mb": peak - rss_before,
+        "threads": torch.get_num_threads(),
+        **extra,
+    }

@@ -23,10 +23,9 @@ import argparse
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 
-from bench.common import peak_rss_mb, rss_mb, run_worker
+from bench.common import measure_backward, run_worker
 
 KD_VARIANTS = ["kd_naive", "kd_chunked", "trl_gkd_forward_kl"]
 KD_EXTRA = ["kd_checkpoint", "jsd_chunked", "trl_gkd_jsd"]
@@ -118,29 +117,11 @@ def _worker(args: argparse.Namespace) -> dict:
     teachers = [(2 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n_teachers)]
     mask = torch.ones(shape[:2], dtype=torch.bool)
     mask[:, : int(args.seq * (1 - args.response_fraction))] = False  # the prompt part
-    rss_before = rss_mb()
-    t0 = time.perf_counter()
-    loss = fn(student, *teachers, mask)
-    loss.backward()
-    first = time.perf_counter() - t0
-    peak = peak_rss_mb()
-    value = loss.item()
-    times = []
-    for _ in range(args.repeats):
+
+    def clear_grads() -> None:
         student.grad = None
-        t0 = time.perf_counter()
-        fn(student, *teachers, mask).backward()
-        times.append(time.perf_counter() - t0)
-    return {
-        "name": args.worker,
-        "loss": value,
-        "first_s": first,
-        "times_s": times or [first],
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": peak,
-        "extra_mb": peak - rss_before,
-        "threads": torch.get_num_threads(),
-    }
+
+    return {"name": args.worker, **measure_backward(lambda: fn(student, *teachers, mask), clear_grads, args.repeats)}
 
 
 # ---- driver side --------------------------------------------------------------------------------------------------
