@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 from align_distill.losses import aligndistil_loss, masked_mean
 from align_distill.losses.divergence import default_chunk_size
 from align_distill.methods.common import default_precision
-from align_distill.trainers.common import prepare_frozen
+from align_distill.trainers.common import prepare_frozen, student_weights, without_zero3_init
 
 logger = logging.getLogger(__name__)
 
@@ -199,56 +198,6 @@ def kept_positions(rows: torch.Tensor) -> torch.Tensor:
     if columns.numel() == 0:  # nothing to score: keep one row so the forward still has a graph
         return torch.zeros(1, dtype=torch.long, device=rows.device)
     return torch.arange(int(columns[0]), int(columns[-1]) + 1, device=rows.device)
-
-
-# ---- rollout engine weights ---------------------------------------------------------------------------------------
-
-
-def _gathered(params: list[torch.nn.Parameter], zero3: bool):
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
-
-
-@contextlib.contextmanager
-def _without_zero3_init():
-    """Under a ZeRO-3 Trainer, transformers builds every new model partitioned (`deepspeed.zero.Init`); the rollout
-    copy must be whole. transformers keeps the active DeepSpeed config in a module global: hide it meanwhile."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """The student's full weights as `(name, tensor)` under the names of the plain (non-PEFT) model.
-
-    ZeRO-3 parameters are gathered one at a time (all ranks must iterate: gathering is collective). A LoRA student
-    is merged for the duration (gathered at once, as merging needs every shard) and unmerged afterwards.
-    """
-    from accelerate.utils import is_peft_model
-
-    if is_peft_model(model):
-        with _gathered(list(model.parameters()), zero3):
-            model.merge_adapter()
-            try:
-                for name, param in model.named_parameters():
-                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                    if model.prefix in name or "original_module" in name:
-                        continue  # adapter weights (merged already) / the copy a modules_to_save replaces
-                    yield name.replace("modules_to_save.default.", ""), param.data
-            finally:
-                model.unmerge_adapter()
-        return
-    for name, param in model.named_parameters():
-        with _gathered([param], zero3):
-            yield name, param.data
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -523,7 +472,7 @@ class AlignDistilTrainer(SFTTrainer):
             from transformers import AutoModelForCausalLM
 
             dtype = kwargs.pop("dtype", None)
-            with _without_zero3_init():  # a whole local copy, not a ZeRO-3 partitioned one
+            with without_zero3_init():  # a whole local copy, not a ZeRO-3 partitioned one
                 copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype or base.dtype)
             copy.generation_config = base.generation_config
             copy.to(self.accelerator.device)

@@ -9,7 +9,8 @@ the mask counts exactly the response tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -69,3 +70,55 @@ def prepare_frozen(model: torch.nn.Module, accelerator: Any, is_deepspeed: bool)
 def frozen_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of a frozen model (no graph kept)."""
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+# ---- whole weights under ZeRO-3 (rollout / sampling copies of the student) ------------------------------------------
+
+
+def gathered(params: list[torch.nn.Parameter], zero3: bool):
+    """Under ZeRO-3, gather `params` whole for the block (collective: every rank must enter); else nothing."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+@contextlib.contextmanager
+def without_zero3_init():
+    """Under a ZeRO-3 Trainer, transformers builds every new model partitioned (`deepspeed.zero.Init`); a rollout
+    copy (AlignDistil's rollouts, CycleAlign's sampler) must be whole. transformers keeps the active DeepSpeed
+    config in a module global: hide it meanwhile."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's full weights as `(name, tensor)` under the names of the plain (non-PEFT) model.
+
+    ZeRO-3 parameters are gathered one at a time (all ranks must iterate: gathering is collective). A LoRA student
+    is merged for the duration (gathered at once, as merging needs every shard) and unmerged afterwards.
+    """
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        with gathered(list(model.parameters()), zero3):
+            model.merge_adapter()
+            try:
+                for name, param in model.named_parameters():
+                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                    if model.prefix in name or "original_module" in name:
+                        continue  # adapter weights (merged already) / the copy a modules_to_save replaces
+                    yield name.replace("modules_to_save.default.", ""), param.data
+            finally:
+                model.unmerge_adapter()
+        return
+    for name, param in model.named_parameters():
+        with gathered([param], zero3):
+            yield name, param.data

@@ -420,9 +420,9 @@ def _zero3() -> bool:
 def _whole_models():
     """Build models whole even under ZeRO-3 (the black-box judge, the white box's sampling copy): a partitioned
     model cannot run outside a DeepSpeed engine. aligndistil's rollout copy needs the same."""
-    from align_distill.trainers.aligndistil import _without_zero3_init
+    from align_distill.trainers.common import without_zero3_init
 
-    return _without_zero3_init() if _zero3() else contextlib.nullcontext()
+    return without_zero3_init() if _zero3() else contextlib.nullcontext()
 
 
 def _is_peft(model: Any) -> bool:
@@ -631,21 +631,20 @@ class CycleAlign:
         from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 
         base = model.get_base_model() if _is_peft(model) else model
-        if _zero3():
-            from align_distill.trainers.aligndistil import student_weights
+        if not _zero3():
+            base.to(self.args.device)
+            return TransformersGenerator(base, self.tokenizer, batch_size=self.args.generation_batch_size)
+        from align_distill.trainers.common import student_weights
 
-            with _whole_models():
-                whole = AutoModelForCausalLM.from_config(
-                    base.config, dtype=base.dtype, trust_remote_code=self.args.trust_remote_code
-                )
-            whole.generation_config = base.generation_config
-            target = dict(whole.named_parameters())
-            with torch.no_grad():
-                for name, tensor in student_weights(model, zero3=True):
-                    target[name].copy_(tensor)
-            base = whole
-        base.to(self.args.device)
-        return TransformersGenerator(base, self.tokenizer, batch_size=self.args.generation_batch_size)
+        with _whole_models():
+            whole = AutoModelForCausalLM.from_config(
+                base.config, dtype=base.dtype, trust_remote_code=self.args.trust_remote_code
+            )
+        whole.generation_config = base.generation_config
+        whole.to(self.args.device)
+        sampler = TransformersGenerator(whole, self.tokenizer, batch_size=self.args.generation_batch_size)
+        sampler.load_weights(student_weights(model, zero3=True))
+        return sampler
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -839,7 +838,7 @@ class CycleAlign:
     def _save_model(self, model: Any, target: Path, trainer: CycleAlignTrainer | None) -> None:
         """Write the cycle's white box (full weights, or a LoRA model's adapter) and the tokenizer to `target`.
         Every process calls it: under ZeRO-3 saving gathers the shards; the main process writes."""
-        from align_distill.trainers.aligndistil import _gathered
+        from align_distill.trainers.common import gathered
 
         main = _process()[0] == 0
         tmp = target.with_name(f".{target.name}.tmp")
@@ -849,7 +848,7 @@ class CycleAlign:
         if trainer is not None:
             trainer.save_model(str(tmp))  # the Trainer's own save: ZeRO-3 16-bit gather, PEFT adapter only
         else:
-            with _gathered(list(model.parameters()), _zero3()):
+            with gathered(list(model.parameters()), _zero3()):
                 if main:
                     model.save_pretrained(tmp)
         if main:
