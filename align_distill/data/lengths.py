@@ -13,6 +13,18 @@ Text = str | list[dict[str, Any]]
 """A plain string or a list of {role, content} messages."""
 
 
+CHARS_PER_TOKEN = 32
+"""Characters per token assumed when choosing how much of a long text to tokenize first (generous: ~4 is usual)."""
+CUT_TOKENS = 8
+"""Tokens that cutting a text inside a word may add; a prefix proves the whole text too long only beyond this."""
+
+
+def _prefix(text: str, length: int) -> str:
+    """`text[:length]`, ending at the last whitespace of its second half when there is one (a cut between words)."""
+    cut = max(text.rfind(" ", length // 2, length), text.rfind("\n", length // 2, length))
+    return text[: cut if cut > 0 else length]
+
+
 class TokenBudget:
     """Counts tokens with one tokenizer and truncates responses to fit `max_length` tokens."""
 
@@ -24,18 +36,45 @@ class TokenBudget:
         self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     def count(self, prompt: Text, response: Text | None = None) -> int:
-        """Tokens of the prompt followed by `response`; a prompt alone is counted with its generation prompt."""
+        """Tokens of the prompt followed by `response`; a prompt alone is counted with its generation prompt.
+
+        Exact up to `max_length`; a text too long by far gives a lower bound that already exceeds it (see `_tokens`).
+        """
+        return self.measure(prompt, response)[0]
+
+    def measure(self, prompt: Text, response: Text | None = None) -> tuple[int, bool]:
+        """(tokens, exact): `count`, and whether the count is exact rather than a lower bound above `max_length`."""
+        text, special_tokens = self._render(prompt, response)
+        return self._tokens(text, special_tokens)
+
+    def _render(self, prompt: Text, response: Text | None) -> tuple[str, bool]:
+        """The text the model reads, and whether the tokenizer should add its special tokens (not after a template)."""
         if isinstance(prompt, list):
             messages = prompt + (response if isinstance(response, list) else [])
             if self.use_chat_template:
-                ids = self.tokenizer.apply_chat_template(
-                    messages, tokenize=True, return_dict=False, add_generation_prompt=response is None
+                rendered = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=response is None
                 )
-                return len(ids)
-            text = "\n".join(message["content"] for message in messages)
-        else:
-            text = prompt + ("" if response is None else str(response))
-        return len(self.tokenizer(text)["input_ids"])
+                return rendered, False  # what `apply_chat_template(tokenize=True)` tokenizes, the same way
+            return "\n".join(message["content"] for message in messages), True
+        return prompt + ("" if response is None else str(response)), True
+
+    def _tokens(self, text: str, special_tokens: bool) -> tuple[int, bool]:
+        """Tokenize at most about `(max_length + 1) * CHARS_PER_TOKEN` characters before deciding, whatever the size.
+
+        A longer text is measured on growing prefixes (cut at whitespace where possible) until one is longer than
+        `max_length` by more than a cut word can add; only a text that packs more characters per token is read whole.
+        """
+        window = (self.max_length + 1) * CHARS_PER_TOKEN
+        while window < len(text):
+            length = self._encode_length(_prefix(text, window), special_tokens)
+            if length > self.max_length + CUT_TOKENS:
+                return length, False
+            window *= 2
+        return self._encode_length(text, special_tokens), True
+
+    def _encode_length(self, text: str, special_tokens: bool) -> int:
+        return len(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
     def truncate(self, prompt: Text, response: Text) -> Text | None:
         """`response` with its final text cut so that prompt + response fits, or None when no text fits.

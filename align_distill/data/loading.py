@@ -7,8 +7,10 @@ reported with its file, row and column instead of a pyarrow cast error, and noth
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -27,25 +29,31 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_PROBE_TIMEOUT_S = 3.0
 """How long to wait for the hub to answer before calling it unreachable (offline must fail fast, not hang)."""
 
+SURROGATE = re.compile("[\\ud800-\\udfff]")
+"""A lone UTF-16 surrogate: `json.loads` accepts the escape, but the string can then never be encoded (arrow fails)."""
+
 Records = Sequence[dict[str, Any]]
 """Rows as dicts: a list for text files, a `datasets.Dataset` (which iterates as dicts) for arrow sources."""
 
 
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+def load_rows(source: str, split: str = "train", config: str | None = None) -> datasets.Dataset:
     """Read `source` (a data file, a `save_to_disk` folder or a hub dataset name) as a `datasets.Dataset`.
 
     Raises DataValidationError naming the file (and row and column where known) when it is missing, unreadable or
-    corrupt, or when a column mixes types that one arrow column cannot hold.
+    corrupt, or when a column mixes types that one arrow column cannot hold. `config` is a hub dataset's
+    configuration name (TRL's `dataset_config`).
     """
-    records = read_records(source, split)
+    records = read_records(source, split, config)
     if isinstance(records, datasets.Dataset):
         return records
     return records_to_dataset(records, source)
 
 
-def read_records(source: str, split: str = "train") -> Records:
+def read_records(source: str, split: str = "train", config: str | None = None) -> Records:
     """Read `source` into rows without forcing one type per column, so validation can name each bad cell."""
     path = Path(source).expanduser()
+    if config is not None and (path.exists() or _looks_like_path(source)):
+        _fail(source, f"`dataset_config` ({config!r}) names a hub dataset's configuration; local data has none")
     if path.is_dir():
         return _read_saved_folder(source, path, split)
     if path.is_file():
@@ -63,7 +71,7 @@ def read_records(source: str, split: str = "train") -> Records:
         _fail(source, f"unsupported file type {suffix or '(no suffix)'!r}; expected one of {', '.join(FILE_SUFFIXES)}")
     if _looks_like_path(source):
         _fail(source, "no such file or folder")
-    return _read_hub(source, split)
+    return _read_hub(source, split, config)
 
 
 def records_to_dataset(records: Records, source: str) -> datasets.Dataset:
@@ -96,51 +104,107 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _read_jsonl(source: str, path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; each line is decoded on its own, so a bad byte or escape names its line."""
     records: list[dict[str, Any]] = []
     problems: list[DataProblem] = []
-    row = 0
+    row = offset = 0
     try:
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
+        with path.open("rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                offset += len(raw)
+                if not raw.strip():
                     continue
                 row += 1
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as error:
-                    problems.append(
-                        DataProblem(
-                            source,
-                            row,
-                            None,
-                            f"line {line_number} is not valid JSON: {error.msg} (character {error.colno})",
-                        )
-                    )
-                    continue
-                if not isinstance(value, dict):
-                    problems.append(
-                        DataProblem(
-                            source,
-                            row,
-                            None,
-                            f"line {line_number} holds a {type(value).__name__}, expected a JSON object",
-                        )
-                    )
-                    continue
-                records.append(value)
-    except (OSError, UnicodeDecodeError) as error:
+                value = _parse_line(source, row, line_number, raw, offset - len(raw), problems)
+                if value is not None:
+                    records.append(value)
+    except OSError as error:
         _fail(source, f"cannot read file: {error}")
     if problems:
         raise DataValidationError(problems)
     return records
 
 
+def _parse_line(
+    source: str, row: int, line_number: int, raw: bytes, offset: int, problems: list[DataProblem]
+) -> dict[str, Any] | None:
+    """The JSON object on one line, or None after adding its problem."""
+    try:
+        line = raw.decode("utf-8")
+        value = json.loads(line)
+    except UnicodeDecodeError as error:
+        problems.append(DataProblem(source, row, None, _utf8_message(line_number, error.start, offset + error.start)))
+        return None
+    except json.JSONDecodeError as error:
+        problems.append(
+            DataProblem(
+                source, row, None, f"line {line_number} is not valid JSON: {error.msg} (character {error.colno})"
+            )
+        )
+        return None
+    if not isinstance(value, dict):
+        problems.append(
+            DataProblem(
+                source, row, None, f"line {line_number} holds a {type(value).__name__}, expected a JSON object"
+            )
+        )
+        return None
+    surrogate = _find_surrogate(value) if "\\u" in line else None
+    if surrogate is not None:
+        problems.append(
+            DataProblem(source, row, surrogate[0], _surrogate_message(surrogate[1], f"line {line_number}: "))
+        )
+        return None
+    return value
+
+
+def _utf8_message(line_number: int, byte_in_line: int, byte_in_file: int) -> str:
+    """Bytes counted from 1, like lines."""
+    return (
+        f"line {line_number} is not valid UTF-8 at byte {byte_in_line + 1} of the line (byte {byte_in_file + 1} of "
+        "the file); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or fix that byte"
+    )
+
+
+def _surrogate_message(character: str, where: str = "") -> str:
+    return (
+        f"{where}lone surrogate \\u{ord(character):04x} in a JSON string (half of a UTF-16 pair), which no text "
+        "encoding can hold; write the character itself, both halves of its pair (e.g. \\ud83d\\ude00), or remove it"
+    )
+
+
+def _find_surrogate(value: Any, column: str | None = None) -> tuple[str | None, str] | None:
+    """(top-level key, the character) of the first lone surrogate in a JSON value's strings and keys, or None."""
+    if isinstance(value, str):
+        match = SURROGATE.search(value)
+        return (column, match.group()) if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        top = column if column is not None or not isinstance(key, str) else key
+        found = _find_surrogate(key, top) if isinstance(key, str) else None
+        found = found or _find_surrogate(item, top)
+        if found:
+            return found
+    return None
+
+
+def _decode_utf8(source: str, data: bytes) -> str:
+    """`data` as text, or a problem naming the line and byte of the first invalid UTF-8 sequence."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line_number = data.count(b"\n", 0, error.start) + 1
+        _fail(source, _utf8_message(line_number, error.start - line_start, error.start))
+
+
 def _read_json(source: str, path: Path) -> list[dict[str, Any]]:
     """A JSON array of objects, an object mapping split names to arrays, or (like `datasets`) JSON Lines."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        data = path.read_bytes()
+    except OSError as error:
         _fail(source, f"cannot read file: {error}")
+    text = _decode_utf8(source, data)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -158,9 +222,20 @@ def _read_json(source: str, path: Path) -> list[dict[str, Any]]:
         for row, item in enumerate(value, start=1)
         if not isinstance(item, dict)
     ]
+    if not problems and "\\u" in text:
+        problems = _surrogate_problems(source, value)
     if problems:
         raise DataValidationError(problems)
     return value
+
+
+def _surrogate_problems(source: str, records: list[dict[str, Any]]) -> list[DataProblem]:
+    problems = []
+    for row, record in enumerate(records, start=1):
+        found = _find_surrogate(record)
+        if found:
+            problems.append(DataProblem(source, row, found[0], _surrogate_message(found[1])))
+    return problems
 
 
 def _read_parquet(source: str, path: Path) -> datasets.Dataset:
@@ -177,7 +252,11 @@ def _read_csv(source: str, path: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     problems: list[DataProblem] = []
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        data = path.read_bytes()
+    except OSError as error:
+        _fail(source, f"cannot read CSV: {error}")
+    try:
+        with io.StringIO(_decode_utf8(source, data), newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None:
@@ -197,7 +276,7 @@ def _read_csv(source: str, path: Path) -> list[dict[str, Any]]:
                     )
                     continue
                 records.append({name: _decode_cell(cell) for name, cell in zip(header, cells)})
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except csv.Error as error:
         _fail(source, f"cannot read CSV: {error}")
     if problems:
         raise DataValidationError(problems)
@@ -235,12 +314,12 @@ def _read_saved_folder(source: str, path: Path, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _read_hub(source: str, split: str) -> datasets.Dataset:
+def _read_hub(source: str, split: str, config: str | None = None) -> datasets.Dataset:
     reason = hub_unavailable()
     if reason:
         _fail(source, f"no such file or folder, and it cannot be loaded as a hub dataset: {reason}")
     try:
-        loaded = datasets.load_dataset(source, split=split)
+        loaded = datasets.load_dataset(source, config, split=split)
     except Exception as error:  # the hub raises many types; all mean "cannot load this name"
         _fail(
             source, f"no such file or folder, and loading it as a hub dataset failed: {type(error).__name__}: {error}"

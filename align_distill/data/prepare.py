@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import datasets
+from transformers import AutoTokenizer
 
 from .loading import hub_unavailable, read_records, records_to_dataset
 from .problems import DataValidationError
@@ -22,6 +24,7 @@ def load_dataset_for(
     tokenizer: Any = None,
     max_length: int | None = None,
     length_policy: str = "error",
+    config: str | None = None,
 ) -> datasets.Dataset:
     """Load `source`, validate it as `format`, and return the normalised rows (with an `id` column).
 
@@ -29,7 +32,7 @@ def load_dataset_for(
     than it are a problem (`length_policy="error"`), dropped (`"drop"`) or have their responses cut (`"truncate"`);
     the counts are logged. See `validate` for the normalisation.
     """
-    records = read_records(source, split)
+    records = read_records(source, split, config)
     report = validate(
         records, format, source=source, tokenizer=tokenizer, max_length=max_length, length_policy=length_policy
     )
@@ -52,7 +55,7 @@ def load_dataset_for(
 
 
 def validate_command(path: str, format: str, tokenizer_path: str | None = None, max_length: int | None = None) -> int:
-    """Print every problem of the dataset at `path` (or "OK: N rows") and return the exit code, 0 or 1.
+    """Print each problem of the dataset at `path` on stderr, or "OK: N rows" on stdout; return the exit code, 0 or 1.
 
     Long rows are reported, never dropped: this command checks, it does not fix.
     """
@@ -72,12 +75,12 @@ def validate_command(path: str, format: str, tokenizer_path: str | None = None, 
     except DataValidationError as error:
         problems = error.problems
     except (ValueError, OSError) as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if problems:
         for problem in problems:
-            print(problem)
-        print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {path}")
+            print(problem, file=sys.stderr)
+        print(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {path}", file=sys.stderr)
         return 1
     print(f"OK: {len(report.rows)} rows ({format}, {FORM_NAMES[report.form]})")
     return 0
@@ -85,7 +88,6 @@ def validate_command(path: str, format: str, tokenizer_path: str | None = None, 
 
 def _load_tokenizer(name_or_path: str) -> Any:
     """A tokenizer from a local folder, or from the hub only when it is reachable (offline must not hang)."""
-    from transformers import AutoTokenizer
 
     if not Path(name_or_path).expanduser().exists():
         reason = hub_unavailable()

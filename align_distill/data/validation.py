@@ -86,7 +86,8 @@ def validate(
         if check.problems:
             report.problems.extend(check.problems)
             continue
-        if normalised is None:  # a whole column is missing: reported once for the column, not per row
+        if normalised is None or absent:  # a whole column is missing: reported once for the column, not per row
+            _check_accounted(check, absent, report)
             continue
         if not has_ids:
             identifier = content_id(normalised, schema)  # before truncation, so max_length does not change ids
@@ -112,6 +113,13 @@ def validate(
             )
         )
     return report
+
+
+def _check_accounted(check: _RowCheck, absent: set[str], report: ValidationReport) -> None:
+    """A row left unused must be covered by a problem: its own, or a missing column reported for the dataset."""
+    if not absent:
+        check.add(None, "was rejected without a reason (an align-distill bug): please report it with this row")
+        report.problems.extend(check.problems)
 
 
 def content_id(row: dict[str, Any], schema: FormatSchema) -> str:
@@ -207,6 +215,7 @@ def _check_preference(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any
     if record.get("prompt") is None:
         if isinstance(chosen, list) and isinstance(rejected, list):
             return _split_implicit_prompt(check, record, chosen, rejected)
+        _check_implicit_forms(check, chosen, rejected)
         if not (isinstance(chosen, list) or isinstance(rejected, list)):
             missing = "missing column" if "prompt" not in record else "missing value (null)"
             check.add(
@@ -225,7 +234,21 @@ def _check_preference(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any
     _check_same_form(check, record, ("prompt", "chosen", "rejected"))
     if chosen is not None and chosen == rejected:
         check.add("rejected", "is identical to chosen; a preference pair needs two different responses")
-    return dict(record)
+    return None if chosen is None or rejected is None else dict(record)
+
+
+def _check_implicit_forms(check: _RowCheck, chosen: Any, rejected: Any) -> None:
+    """Without a prompt, a message list beside plain text cannot give the shared leading turns; name the odd one."""
+    for column, value, other, other_value in (
+        ("chosen", chosen, "rejected", rejected),
+        ("rejected", rejected, "chosen", chosen),
+    ):
+        if isinstance(value, str) and isinstance(other_value, list):
+            check.add(
+                column,
+                f"is plain text, but {other} is a message list; without a prompt column both must be message lists "
+                "(the prompt is their shared leading turns): make it a message list or add a prompt column",
+            )
 
 
 def _split_implicit_prompt(
@@ -287,7 +310,7 @@ def _check_ranking(check: _RowCheck, record: dict[str, Any]) -> dict[str, Any] |
         _check_ranking_order(check, ranking, count)
     if scores is not None:
         _check_scores(check, scores, count)
-    if check.problems:
+    if check.problems or count is None:
         return None
     normalised = dict(record)
     if scores is not None:
@@ -413,12 +436,12 @@ def _apply_length_policy(
     if "completions" in responses:
         responses = {f"completions[{i}]": value for i, value in enumerate(row["completions"])}
     if not responses:
-        length = budget.count(prompt)
+        length, exact = budget.measure(prompt)
         longest_column = "prompt"
     else:
-        lengths = {column: budget.count(prompt, value) for column, value in responses.items()}
-        longest_column = max(lengths, key=lengths.get)
-        length = lengths[longest_column]
+        lengths = {column: budget.measure(prompt, value) for column, value in responses.items()}
+        longest_column = max(lengths, key=lambda column: lengths[column][0])
+        length, exact = lengths[longest_column]
     if length <= budget.max_length:
         return row
     column = longest_column.split("[")[0]
@@ -427,13 +450,13 @@ def _apply_length_policy(
         report.dropped += 1
         return None
     if policy == "error" or not responses:
-        check.add(column, f"{description} is {length} tokens, longer than max_length {budget.max_length}")
+        check.add(column, f"{description} is {_size(length, exact)}, longer than max_length {budget.max_length}")
         return None
     cut = {name: budget.truncate(prompt, value) for name, value in responses.items()}
     if any(value is None for value in cut.values()):
         check.add(
             "prompt",
-            f"prompt is {budget.count(prompt)} tokens and leaves no room for a response within "
+            f"prompt is {_size(*budget.measure(prompt))} and leaves no room for a response within "
             f"max_length {budget.max_length}; use length_policy='drop' or a larger max_length",
         )
         return None
@@ -451,6 +474,10 @@ def _apply_length_policy(
         return None
     report.truncated += 1
     return truncated
+
+
+def _size(length: int, exact: bool) -> str:
+    return f"{length} tokens" if exact else f"at least {length} tokens (counted on its start only)"
 
 
 def _make_unique(rows: list[dict[str, Any]]) -> None:
