@@ -17,14 +17,16 @@ quickstart: $(STAMP)
 	$(BIN)/align-distill quickstart $(QUICKSTART_ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check align_distill tests bench scripts
+	$(BIN)/ruff check align_distill tests bench scripts examples
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not vllm and not distributed" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check align_distill tests bench scripts
+	$(BIN)/ruff check align_distill tests bench scripts examples
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

@@ -18,6 +18,11 @@ import logging
 import os
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+
 logger = logging.getLogger(__name__)
 
 _PATCH_FLAG = "_align_distill_cpu_gloo"
@@ -34,7 +39,6 @@ def launched_world_size() -> int:
 
 def has_accelerator() -> bool:
     """A device accelerate would pick a backend for by itself (CUDA/ROCm, XPU, NPU, MPS...)."""
-    import torch
 
     if torch.cuda.is_available():
         return True
@@ -48,8 +52,6 @@ def _uses_deepspeed() -> bool:
 
 def _install_gloo_fallback() -> None:
     """Make accelerate's backend resolution answer gloo for a launched process on a CPU-only box (idempotent)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
 
     original = PartialState._prepare_backend
     if getattr(original, _PATCH_FLAG, False):
@@ -76,8 +78,6 @@ def init_cpu_process_group() -> Any | None:
     """
     if launched_world_size() <= 1 or has_accelerator():
         return None
-    import torch.distributed as dist
-    from accelerate import PartialState
 
     _install_gloo_fallback()
     state = PartialState(backend="gloo")

@@ -1,5 +1,5 @@
 """Publish a trained student: `align-distill push RUN_DIR --repo-id ORG/NAME`, `push_to_hub: true` in a recipe, a
-pipeline `call` stage, and merging a LoRA adapter into its base (`align-distill models merge ADAPTER OUT`).
+pipeline `call` stage.
 
 What is uploaded: the adapter (adapter_config.json + adapter_model.safetensors) or the model (config, safetensors
 weights), the tokenizer / processor files, `README.md` (the model card, `align_distill.model_card`) and
@@ -12,7 +12,6 @@ The token comes from `HF_TOKEN` (or a recipe's `hub_token`) or the stored `huggi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,26 +19,19 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import Enum
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from align_distill.model_card import (
-    REDACTED,
-    RUN_RECORD,
-    ProvenanceError,
-    collect_provenance,
-    find_model,
-    redact,
-    render_card,
-)
+import huggingface_hub
+
+from align_distill.model_card import render_card
+from align_distill.provenance import ProvenanceError, collect_provenance, find_model
+from align_distill.redaction import scrub
+from align_distill.run_files import PROVENANCE_FILE
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "align_distill.json"
 WEIGHT_PATTERNS = (
     *("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json"),
     *("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"),
@@ -60,17 +52,7 @@ def resolve_token(explicit: str | None = None) -> str | None:
     """The hub token: an explicit one (a recipe's `hub_token`), else HF_TOKEN, else the stored login."""
     if explicit:
         return explicit
-    from huggingface_hub import get_token
-
-    return os.environ.get("HF_TOKEN") or get_token()
-
-
-def scrub(text: str, secrets: Sequence[str | None]) -> str:
-    """`text` with every known secret (and anything shaped like an HF token) replaced by "<redacted>"."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return redact(text)
+    return os.environ.get("HF_TOKEN") or huggingface_hub.get_token()
 
 
 # -- what gets uploaded ------------------------------------------------------------------------------------------
@@ -139,8 +121,6 @@ def push_run(
     `path` is a pipeline run folder (its last finished training stage, or `stage`), one stage folder, or a training
     output folder. `revision` is a branch, created from main when missing. `base_model`: see `stage_publication`.
     """
-    from huggingface_hub import HfApi
-
     token = resolve_token(token)
     secrets = [token]
     try:
@@ -149,7 +129,7 @@ def push_run(
             files = sorted(p.name for p in Path(tmp).iterdir())
             target = f"{repo_id}@{revision}" if revision else repo_id
             logger.info("pushing %d files to %s: %s", len(files), target, ", ".join(files))
-            api = HfApi(token=token, library_name="align-distill")
+            api = huggingface_hub.HfApi(token=token, library_name="align-distill")
             # private=None leaves a new repository to the hub's (or the organisation's) default visibility
             api.create_repo(repo_id, private=True if private else None, repo_type="model", exist_ok=True)
             if revision:
@@ -214,136 +194,3 @@ def push_stage(out: Path, model: str, repo_id: str, private: bool = False, revis
     """
     url = push_run(model, repo_id, private=private, revision=revision)
     return {"repo_id": repo_id, "url": url, "private": private, "revision": revision}
-
-
-# -- `push_to_hub: true` in a training recipe ---------------------------------------------------------------------
-@dataclass
-class PushRequest:
-    """A recipe's `push_to_hub` settings, taken from the training arguments before the Trainer sees them."""
-
-    repo_id: str
-    private: bool
-    revision: str | None
-    token: str | None
-
-    @classmethod
-    def take_from(cls, training_args: Any) -> PushRequest | None:
-        """The request, or None; turns the Trainer's own push off (it would upload training_args.bin and its
-        own card, and create the repo before training)."""
-        if not getattr(training_args, "push_to_hub", False):
-            return None
-        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-        request = cls(
-            repo_id=repo_id,
-            private=bool(getattr(training_args, "hub_private_repo", False)),
-            revision=getattr(training_args, "hub_revision", None),
-            token=getattr(training_args, "hub_token", None),
-        )
-        training_args.push_to_hub = False
-        return request
-
-
-def record_training_run(output_dir: str | Path, method: str, parsed: Sequence[Any], result: Any = None) -> Path:
-    """Write `<output_dir>/align_distill_run.json`: the method, the arguments the run set (`set_fields`, secrets
-    redacted) and the training metrics, so that a plain `align-distill train` output is published with a full card."""
-    args = {type(v).__name__: set_fields(v) for v in parsed if dataclasses.is_dataclass(v)}
-    args = json.loads(json.dumps(redact(args), default=str))
-    from align_distill import __version__
-
-    record = {"method": method, "align_distill_version": __version__, "args": args, "result": redact(result)}
-    path = Path(output_dir) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def set_fields(values: Any) -> dict[str, Any]:
-    """The fields of a dataclass instance that differ from their defaults (what the recipe set, plus values that
-    `__post_init__` resolved, such as `bf16`), enums as their values."""
-    changed = {}
-    for f in dataclasses.fields(values):
-        if not f.init or not hasattr(values, f.name):
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        value = getattr(values, f.name)
-        if value != default:
-            changed[f.name] = value.value if isinstance(value, Enum) else value
-    return changed
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def train_and_publish(method: str, module: Any, parsed: Sequence[Any]) -> Any:
-    """Run `module.main(*parsed)`, record the run next to the model, and publish it when the recipe says
-    `push_to_hub: true` (`hub_model_id`, `hub_private_repo`, `hub_revision`; token from `hub_token` / HF_TOKEN /
-    login). The Trainer's own push is turned off: align-distill uploads the model, tokenizer and its card once,
-    from the main process, after the final save."""
-    training_args = next((a for a in parsed if hasattr(a, "output_dir") and hasattr(a, "push_to_hub")), None)
-    request = PushRequest.take_from(training_args) if training_args is not None else None
-    result = module.main(*parsed)
-    if training_args is None or not _is_main_process():
-        return result
-    record_training_run(training_args.output_dir, method, parsed, result)
-    if request is not None:
-        push_run(
-            training_args.output_dir,
-            request.repo_id,
-            private=request.private,
-            revision=request.revision,
-            token=request.token,
-        )
-    return result
-
-
-# -- merging an adapter -------------------------------------------------------------------------------------------
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> Path:
-    """Fold a LoRA adapter into its base model and save full safetensors weights + tokenizer to `out_dir`.
-
-    `base` overrides the adapter's `base_model_name_or_path` (e.g. when the base folder moved). The folder is
-    written to a temporary name and renamed, so `out_dir` is either complete or absent.
-    """
-    from peft import PeftModel
-
-    from align_distill.models import load_model, load_tokenizer
-
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; choose a new folder for the merged model")
-    base = base or json.loads(config_path.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{config_path} names no base_model_name_or_path; pass the base model explicitly")
-    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter_dir))
-    merged = model.merge_and_unload()
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial, safe_serialization=True)
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
-    load_tokenizer(tokenizer_source).save_pretrained(partial)
-    for name in (RUN_RECORD, "eval.json"):  # provenance travels with the merged weights
-        if (adapter_dir / name).exists():
-            shutil.copy2(adapter_dir / name, partial / name)
-    os.replace(partial, out_dir)
-    return out_dir
-
-
-def merge_command(adapter: str, out: str, base: str | None = None, dtype: str = "auto") -> int:
-    """`align-distill models merge ADAPTER OUT [--base PATH] [--dtype D]`."""
-    try:
-        path = merge_adapter(adapter, out, base=base, dtype=dtype)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"merged {adapter} into {path}")
-    return 0

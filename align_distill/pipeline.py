@@ -6,10 +6,10 @@ A recipe is a list of named stages run in order:
     stages:
       - name: teacher_sft
         train: sft                     # or `generate: <job>`, or `call: module:function`
-        config: {model_name_or_path: models/teacher, dataset_path: data/sft.jsonl, max_steps: 200}
+        config: {model_name_or_path: models/teacher, dataset_name: data/sft.jsonl, max_steps: 200}
       - name: teacher_dpo
         train: dpo
-        config: {model_name_or_path: "${teacher_sft}", dataset_path: data/pairs.jsonl}
+        config: {model_name_or_path: "${teacher_sft}", dataset_name: data/pairs.jsonl}
 
 `${stage}` in a config value is that stage's output folder (and makes this stage depend on it); `${run_dir}` is
 the run folder. A stage's fingerprint hashes its kind, its config, the fingerprints of the stages it references
@@ -18,34 +18,60 @@ and the content of the local files it names, so changing any input reruns exactl
 A stage runs in `<run_dir>/.<stage>.partial/` and is renamed to `<stage>/` with a `stage.json` marker only when it
 finished: an interrupted stage never looks complete and is redone from a clean folder (a `generate` stage keeps its
 partial folder, because the store itself resumes exactly once).
+
+Before the first stage runs, every stage's config is built the way the stage will build it (`${stage}` replaced by
+the folder it will be), so an unknown key or a bad value in the last stage fails in seconds, naming the recipe's
+file, line and stage. `align-distill pipeline RECIPE --STAGE.KEY value` edits a stage's config from the command
+line (see `pipeline_command`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
+import difflib
+import inspect
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from align_distill import configuration
+from align_distill.callables import load_callable
+from align_distill.configuration import Source
+from align_distill.data import DataValidationError, load_rows, validate
+from align_distill.data_gen import run_job
+from align_distill.data_gen.config import CONFIGS as JOB_CONFIGS
+from align_distill.data_gen.config import load_config as load_job_config
+from align_distill.distributed import init_cpu_process_group
+from align_distill.errors import ConfigError, UserError
+from align_distill.fingerprint import config_digest, path_digest
+from align_distill.hub import push_run
+from align_distill.methods import METHODS, method_module
+from align_distill.methods.run import run_method
+from align_distill.recipes import check_requirements, resolve_config
+from align_distill.run_files import MARKER
 
 logger = logging.getLogger(__name__)
 
-MARKER = "stage.json"
 _REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
-_HASH_CONTENT_LIMIT = 256 * 1024 * 1024  # larger files are fingerprinted by size and mtime
 
 
-class PipelineError(ValueError):
-    """A recipe problem, naming the stage (and key) at fault."""
+class PipelineError(UserError, ValueError):
+    """A recipe problem, naming the recipe file, line and stage (and key) at fault."""
+
+
+KINDS = ("train", "generate", "call")
+STAGE_KEYS = ("name", "config", *KINDS)
+
+
+def _suggestion(name: str, names: list[str]) -> str:
+    match = difflib.get_close_matches(str(name), names, n=1)
+    return f" (did you mean `{match[0]}`?)" if match else ""
 
 
 @dataclass
@@ -54,21 +80,33 @@ class Stage:
     kind: str  # "train" | "generate" | "call"
     target: str  # method name, job name, or "module:function"
     config: dict[str, Any] = field(default_factory=dict)
+    source: Source | None = field(default=None, compare=False, repr=False)  # where `config` came from, for errors
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], index: int) -> Stage:
+    def from_dict(cls, raw: dict[str, Any], index: int, source: Source | None = None) -> Stage:
+        source = source or Source()
         if not isinstance(raw, dict) or "name" not in raw:
-            raise PipelineError(f"stage #{index + 1}: expected a mapping with a `name`, found {raw!r}")
-        kinds = [k for k in ("train", "generate", "call") if k in raw]
-        if len(kinds) != 1:
-            raise PipelineError(f"stage {raw['name']!r}: give exactly one of `train`, `generate`, `call`")
-        unknown = set(raw) - {"name", "config", *kinds}
+            where = source.where(("stages", index))
+            raise PipelineError(f"{where}: stage #{index + 1}: expected a mapping with a `name`, found {raw!r}")
+        name = str(raw["name"])
+        here = source.within("stages", index, context=f"stage `{name}`")
+        kinds = [k for k in KINDS if k in raw]
+        unknown = [key for key in raw if key not in STAGE_KEYS]
         if unknown:
-            raise PipelineError(f"stage {raw['name']!r}: unknown keys {sorted(unknown)}")
+            hint = _suggestion(unknown[0], list(STAGE_KEYS))
+            raise PipelineError(f"{here.where((unknown[0],))}: unknown key `{unknown[0]}`{hint}")
+        if len(kinds) != 1:
+            raise PipelineError(f"{here.where()}: give exactly one of `train`, `generate`, `call`")
         config = raw.get("config") or {}
         if not isinstance(config, dict):
-            raise PipelineError(f"stage {raw['name']!r}: `config` must be a mapping")
-        return cls(name=str(raw["name"]), kind=kinds[0], target=str(raw[kinds[0]]), config=dict(config))
+            raise PipelineError(f"{here.where(('config',))}: `config` must be a mapping")
+        return cls(
+            name=name, kind=kinds[0], target=str(raw[kinds[0]]), config=dict(config), source=here.within("config")
+        )
+
+    def config_source(self) -> Source:
+        """Where this stage's config came from (file, line, command line), for error messages."""
+        return self.source or Source(context=f"stage `{self.name}`")
 
 
 def _walk_strings(value: Any, fn: Callable[[str], Any]) -> Any:
@@ -87,47 +125,36 @@ def references(stage: Stage) -> list[str]:
     return [name for name in dict.fromkeys(found) if name != "run_dir"]
 
 
-def file_fingerprint(path: Path) -> str:
-    """Content hash of a file or folder (sorted walk); very large files by size and mtime."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        stat = file.stat()
-        if stat.st_size > _HASH_CONTENT_LIMIT:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-            continue
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 class Pipeline:
     """Stages run in order under one run folder; see the module docstring."""
 
-    def __init__(self, run_dir: str | os.PathLike, stages: list[Stage]):
+    def __init__(self, run_dir: str | os.PathLike, stages: list[Stage], source: Source | None = None):
         self.run_dir = Path(run_dir)
         self.stages = stages
+        self.source = source or Source()
         names = [s.name for s in stages]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
-            raise PipelineError(f"duplicate stage names: {sorted(duplicates)}")
+            raise PipelineError(f"{self.source.where()}: duplicate stage names: {sorted(duplicates)}")
         for position, stage in enumerate(stages):
             for ref in references(stage):
                 if ref not in names[:position]:
-                    where = "a later stage" if ref in names else "not a stage"
-                    raise PipelineError(f"stage {stage.name!r} references ${{{ref}}}, which is {where}")
+                    where = "a later stage" if ref in names else f"not a stage{_suggestion(ref, names)}"
+                    raise PipelineError(f"{stage.config_source().where()}: references ${{{ref}}}, which is {where}")
         self._fingerprints: dict[str, str] = {}
 
     @classmethod
-    def from_recipe(cls, recipe: dict[str, Any], run_dir: str | os.PathLike | None = None) -> Pipeline:
+    def from_recipe(
+        cls, recipe: dict[str, Any], run_dir: str | os.PathLike | None = None, source: Source | None = None
+    ) -> Pipeline:
+        source = source or Source()
         if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list):
-            raise PipelineError("a pipeline recipe needs a `stages:` list")
+            raise PipelineError(f"{source.where()}: a pipeline recipe needs a `stages:` list")
         run_dir = run_dir or recipe.get("run_dir")
         if not run_dir:
-            raise PipelineError("set `run_dir` in the recipe or pass --run-dir")
-        return cls(run_dir, [Stage.from_dict(raw, i) for i, raw in enumerate(recipe["stages"])])
+            raise PipelineError(f"{source.where()}: set `run_dir` in the recipe or pass --run-dir")
+        stages = [Stage.from_dict(raw, i, source) for i, raw in enumerate(recipe["stages"])]
+        return cls(run_dir, stages, source)
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -151,7 +178,7 @@ class Pipeline:
             # the run folder itself (`${run_dir}`) counts as inside: hashing it would hash every stage's output
             inside_run = path.resolve() == self.run_dir.resolve() or self.run_dir.resolve() in path.resolve().parents
             if len(text) < 4096 and not inside_run and path.exists():
-                inputs[text] = file_fingerprint(path)
+                inputs[text] = path_digest(path)
             return text
 
         _walk_strings(resolved, note_file)
@@ -162,7 +189,7 @@ class Pipeline:
             "upstream": {ref: self._fingerprints[ref] for ref in references(stage)},
             "files": inputs,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+        return config_digest(payload)
 
     def is_complete(self, stage: Stage, fingerprint: str) -> bool:
         marker = self.stage_dir(stage.name) / MARKER
@@ -176,6 +203,7 @@ class Pipeline:
             if name is not None and name not in names:
                 raise PipelineError(f"unknown stage {name!r}; stages are {names}")
         forced = set(names[names.index(from_stage) :]) if from_stage else set()
+        self.check_configs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.validate_inputs()
         outputs: dict[str, Path] = {}
@@ -197,16 +225,21 @@ class Pipeline:
             print(f"{label}: finished in {time.time() - started:.0f}s", flush=True)
         return outputs
 
+    def check_configs(self) -> None:
+        """Build every stage's config as the stage will (references replaced by the folders they will be), so that
+        an unknown key or a bad value in any stage fails before the first stage runs. Checks that need the outputs
+        of earlier stages (their files) happen when the stage runs."""
+        for stage in self.stages:
+            CHECKS[stage.kind](stage, self.resolve(stage), self.stage_dir(stage.name))
+
     def validate_inputs(self) -> None:
         """Check every training dataset that already exists before the first model is loaded."""
-        from align_distill.data import DataValidationError, load_rows, validate
-        from align_distill.methods import METHODS, method_module
 
         problems = []
         for stage in self.stages:
             if stage.kind != "train" or stage.target not in METHODS:
                 continue
-            path = stage.config.get("dataset_path")
+            path = stage.config.get("dataset_name", stage.config.get("dataset_path"))
             if not isinstance(path, str) or _REFERENCE.search(path):
                 continue  # produced by an earlier stage: validated when that stage's output is trained on
             module = method_module(stage.target)
@@ -246,34 +279,70 @@ class Pipeline:
         os.replace(partial, final)
 
 
-def _run_train(stage: Stage, config: dict[str, Any], out: Path) -> Any:
-    from transformers import HfArgumentParser
-
-    from align_distill.methods import method_module
-
+def _train_arguments(stage: Stage, config: dict[str, Any], out: Path) -> tuple[Any, ...]:
+    """The method's dataclasses of a `train` stage, built by `align_distill.configuration` (errors name the recipe,
+    line and stage); the module comes first."""
+    source = stage.config_source()
+    if stage.target not in METHODS:
+        hint = _suggestion(stage.target, sorted(METHODS))
+        raise ConfigError(f"{source.where()}: unknown method `{stage.target}`{hint}; methods: {', '.join(METHODS)}")
     module = method_module(stage.target)
-    config = {**config, "output_dir": str(out)}
-    try:
-        parsed = HfArgumentParser(module.DATACLASSES).parse_dict(config, allow_extra_keys=False)
-    except ValueError as error:
-        raise PipelineError(f"stage {stage.name!r} ({stage.target}): {error}") from error
-    from align_distill.hub import train_and_publish
+    hint = f"`align-distill train {stage.target} --help` lists its keys"
+    kwargs = configuration.prepare(module.DATACLASSES, {**config, "output_dir": str(out)}, source, stage.target, hint)
+    init_cpu_process_group()  # before the training arguments: a CPU-only launch needs an explicit gloo group
+    return module, configuration.construct(module.DATACLASSES, kwargs, source)
 
-    return train_and_publish(stage.target, module, parsed)
+
+def _job_config(stage: Stage, config: dict[str, Any], out: Path) -> Any:
+    source = stage.config_source()
+    if stage.target not in JOB_CONFIGS:
+        hint = _suggestion(stage.target, list(JOB_CONFIGS))
+        raise ConfigError(f"{source.where()}: unknown job `{stage.target}`{hint}; jobs: {', '.join(JOB_CONFIGS)}")
+    return load_job_config(stage.target, None, {**config, "output_dir": str(out)}, source)
+
+
+def _call_function(stage: Stage, config: dict[str, Any], out: Path) -> Callable[..., Any]:
+    """The function of a `call` stage, checked against the stage's keys (it is called as `function(out, **config)`)."""
+    source = stage.config_source()
+    try:
+        function = load_callable(stage.target, "`call`")
+    except ValueError as error:
+        raise PipelineError(f"{source.where()}: {error}") from None
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return function
+    kinds = {p.kind for p in parameters.values()}
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        named = [
+            name
+            for name, p in list(parameters.items())[1:]
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
+        unknown = [key for key in config if key not in named]
+        if unknown:
+            raise configuration.unknown_key_error(unknown[0], named, source, (), f"`{stage.target}`")
+    try:
+        inspect.signature(function).bind(out, **config)
+    except TypeError as error:
+        raise ConfigError(f"{source.where()}: `{stage.target}`: {error}") from None
+    return function
+
+
+def _run_train(stage: Stage, config: dict[str, Any], out: Path) -> Any:
+
+    module, parsed = _train_arguments(stage, config, out)
+    return run_method(stage.target, module, parsed, publish=push_run)
 
 
 def _run_generate(stage: Stage, config: dict[str, Any], out: Path) -> Any:
-    from align_distill.data_gen import run_job
 
-    return str(run_job(stage.target, {**config, "output_dir": str(out)}))
+    return str(run_job(stage.target, _job_config(stage, config, out)))
 
 
 def _run_call(stage: Stage, config: dict[str, Any], out: Path) -> Any:
-    module_name, _, function_name = stage.target.partition(":")
-    if not function_name:
-        raise PipelineError(f"stage {stage.name!r}: `call` must be 'module:function', found {stage.target!r}")
-    function = getattr(importlib.import_module(module_name), function_name)
-    return function(out, **config)
+
+    return _call_function(stage, config, out)(out, **config)
 
 
 RUNNERS: dict[str, Callable[[Stage, dict[str, Any], Path], Any]] = {
@@ -282,10 +351,98 @@ RUNNERS: dict[str, Callable[[Stage, dict[str, Any], Path], Any]] = {
     "call": _run_call,
 }
 
+CHECKS: dict[str, Callable[[Stage, dict[str, Any], Path], Any]] = {
+    "train": _train_arguments,
+    "generate": _job_config,
+    "call": _call_function,
+}
+
+
+# -- recipes from files and the command line ------------------------------------------------------------------------
+def apply_overrides(recipe: dict[str, Any], overrides: Mapping[str, Any], name: str) -> tuple[dict, set]:
+    """`recipe` with `--STAGE.KEY value` overrides merged into its stages' configs, and the key paths they set (for
+    "command line" in error messages). An unknown stage is an error with the closest stage name."""
+    stages = recipe.get("stages") if isinstance(recipe, dict) else None
+    if not isinstance(stages, list):
+        raise PipelineError(f"{name}: a pipeline recipe needs a `stages:` list")
+    names = [str(raw.get("name")) if isinstance(raw, dict) else None for raw in stages]
+    stages, overridden = list(stages), set()
+    for stage_name, settings in overrides.items():
+        if stage_name not in names:
+            hint = _suggestion(stage_name, [n for n in names if n])
+            raise PipelineError(
+                f"command line: `--{stage_name}.KEY`: {name} has no stage `{stage_name}`{hint}; "
+                f"stages: {', '.join(n for n in names if n)}"
+            )
+        if not isinstance(settings, Mapping):
+            raise PipelineError(f"command line: `--{stage_name}` needs a key: --{stage_name}.KEY value")
+        index = names.index(stage_name)
+        stage = dict(stages[index])
+        stage["config"] = configuration.merge(stage.get("config") or {}, dict(settings))
+        stages[index] = stage
+        overridden |= {("stages", index, "config", *path) for path in configuration.leaf_paths(settings)}
+    return {**recipe, "stages": stages}, overridden
+
+
+def load_recipe(
+    path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, run_dir: str | None = None
+) -> tuple[dict[str, Any], Source]:
+    """A recipe (a file or a shipped recipe name) with `--STAGE.KEY value` overrides, and where its keys came from."""
+    resolved = resolve_config(path)
+    name = os.fspath(path) if Path(os.fspath(path)).expanduser() == resolved else os.fspath(resolved)
+    recipe, lines = configuration.load_yaml(resolved, name)
+    overridden: set = set()
+    if overrides:
+        recipe, overridden = apply_overrides(recipe, overrides, name)
+    check_requirements(resolved, {**recipe, "run_dir": run_dir or recipe.get("run_dir")})
+    return recipe, Source(file=name, lines=lines, overridden=overridden)
+
 
 def run_pipeline_file(
-    path: str | os.PathLike, run_dir: str | None = None, from_stage: str | None = None, only: list[str] | None = None
+    path: str | os.PathLike,
+    run_dir: str | None = None,
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    with open(path) as handle:
-        recipe = yaml.safe_load(handle)
-    return Pipeline.from_recipe(recipe, run_dir=run_dir).run(from_stage=from_stage, only=only)
+    """Run the recipe at `path` (or the shipped recipe of that name) with `overrides` ({stage: {key: value}})."""
+    recipe, source = load_recipe(path, overrides, run_dir)
+    return Pipeline.from_recipe(recipe, run_dir=run_dir, source=source).run(from_stage=from_stage, only=only)
+
+
+PIPELINE_USAGE = """usage: align-distill pipeline RECIPE [--run-dir DIR] [--from STAGE] [--only STAGE ...]
+                              [--STAGE.KEY value ...]
+
+Run a multi-stage recipe (a YAML file or a shipped recipe name, see `align-distill recipes list`); finished stages
+are skipped (their fingerprint matches).
+
+  --run-dir DIR          the run folder (default: the recipe's run_dir)
+  --from STAGE           rerun this stage and every later one
+  --only STAGE ...       run only these stages (the stages they need must be complete)
+  --STAGE.KEY VALUE      set KEY in the config of stage STAGE, e.g. --dckd_student.learning_rate 1e-5
+                         (VALUE is read as YAML; KEY may be dotted: --rank.judge.kind llm)"""
+
+
+def pipeline_command(argv: list[str]) -> int:
+    """`align-distill pipeline RECIPE [options]` (see PIPELINE_USAGE); returns the exit code."""
+    if not argv or argv[0] in ("-h", "--help") or "-h" in argv or "--help" in argv:
+        print(PIPELINE_USAGE)
+        return 0 if argv else 2
+    recipe, overrides = argv[0], configuration.parse_overrides(argv[1:])
+    if recipe.startswith("--"):
+        raise ConfigError("command line: give the RECIPE first: align-distill pipeline RECIPE [--key value ...]")
+    run_dir = overrides.pop("run_dir", None)
+    from_stage = overrides.pop("from", None)
+    only = overrides.pop("only", None)
+    if isinstance(only, str):
+        only = [part.strip() for part in only.split(",") if part.strip()]
+    elif only is not None and not isinstance(only, list):
+        only = [only]
+    run_pipeline_file(
+        recipe,
+        run_dir=None if run_dir is None else str(run_dir),
+        from_stage=None if from_stage is None else str(from_stage),
+        only=None if only is None else [str(name) for name in only],
+        overrides=overrides,
+    )
+    return 0

@@ -6,7 +6,8 @@ random weights) with a vocabulary of `vocab` tokens; one right-padded sequence o
 teachers; no optimizer step (identical in every variant).
 
 Variants:
-- `naive`: what the official trainers do (specs/aligndistil.md §6.3): full `[B, L, V]` logits of all three models,
+- `naive`: what the official trainers do (docs/methods/aligndistil.md §6.3): full `[B, L, V]` logits of all three
+  models,
   the loss on full tensors (`bench.loss_kernels._naive_aligndistil`: probabilities, log-probabilities, teacher
   logits, products), rows selected by the mask afterwards.
 - `chunked`: `align_distill.trainers.aligndistil.batch_loss`, the trainer's own code with its defaults: the three

@@ -74,7 +74,7 @@ def prepare(root: Path, pairs: int, size: str) -> dict[str, Any]:
             "input": str(data),
             "output_dir": str(root / "rollout"),
             "model": str(student),
-            "max_new_tokens": 24,
+            "max_completion_length": 24,
             "progress": False,
         },
     )

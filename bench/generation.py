@@ -62,9 +62,9 @@ def _left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def bench_generate(name: str, path: Path, prompts: list[Any], batch_size: int, new_tokens: int) -> list[dict]:
+    from align_distill.data.tokens import encode_prompt
     from align_distill.data_gen.backends import SamplingParams
     from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
-    from align_distill.data_gen.tokens import encode_prompt
 
     generator = TransformersGenerator(str(path), batch_size=batch_size, dtype="float32", device="cpu")
     encoded = [encode_prompt(generator.tokenizer, p) for p in prompts]
@@ -136,7 +136,7 @@ def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: 
     runs = iter(range(10**6))
     config = {
         "input": str(source),
-        "top_k": k,
+        "signals_top_k": k,
         "shard_size": 64,
         "progress": False,
         "teachers": [{"name": "teacher", "model": str(path), "backend_kwargs": {"batch_size": batch_size}}],

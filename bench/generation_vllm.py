@@ -75,9 +75,9 @@ def bench_model(name: str, path: Path, settings: dict[str, int]) -> list[dict[st
     from vllm import SamplingParams as VSamplingParams
     from vllm.inputs import TokensPrompt
 
+    from align_distill.data.tokens import encode_prompt
     from align_distill.data_gen.backends import SamplingParams
     from align_distill.data_gen.backends.vllm_backend import VLLMGenerator
-    from align_distill.data_gen.tokens import encode_prompt
     from align_distill.synthetic import prompt_rows
 
     prompts = [r["prompt"] for r in prompt_rows(settings["prompts"], 7)]

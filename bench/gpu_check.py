@@ -146,6 +146,21 @@ LOSS_VARIANTS = ["naive_log_softmax_kl", "kd_loss", "kd_loss_chunk64"]
 # ---- imports that must work without trl / datasets -----------------------------------------------------------------
 
 
+def _stub_package(package: str) -> None:
+    """Register `package` as a bare namespace (its `__init__` not run), so its submodules import by path."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(f"{package} is not a package")
+    stub = types.ModuleType(package)
+    stub.__path__ = list(spec.submodule_search_locations)
+    stub.__package__ = package
+    stub.__file__ = spec.origin
+    sys.modules[package] = stub
+    parent, _, child = package.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, stub)
+
+
 def import_isolated(name: str) -> tuple[types.ModuleType, str]:
     """Import `name`; if a parent package's `__init__` fails (e.g. `align_distill.data_gen` needs pyarrow), register
     that parent as a bare package (its folder on `__path__`, its `__init__` not run) and import `name` again.
@@ -166,17 +181,18 @@ def import_isolated(name: str) -> tuple[types.ModuleType, str]:
         try:
             importlib.import_module(parent)
         except ImportError:
-            spec = importlib.util.find_spec(parent)
-            if spec is None or spec.submodule_search_locations is None:
-                raise
-            stub = types.ModuleType(parent)
-            stub.__path__ = list(spec.submodule_search_locations)
-            stub.__package__ = parent
-            stub.__file__ = spec.origin
-            sys.modules[parent] = stub
-            if i > 1:
-                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], stub)
+            _stub_package(parent)
             skipped.append(parent)
+    root = Path(importlib.util.find_spec(parts[0]).origin).parent
+    for init in sorted(root.rglob("__init__.py")):
+        package = ".".join(init.parent.relative_to(root.parent).parts)
+        if package in sys.modules:
+            continue
+        try:  # packages the target imports from (e.g. `align_distill.data` for the tokenization contract)
+            importlib.import_module(package)
+        except ImportError:
+            _stub_package(package)
+            skipped.append(package)
     module = importlib.import_module(name)
     return module, f"by path, skipping __init__ of {', '.join(skipped) or '(none)'} ({first_error})"
 

@@ -1,6 +1,7 @@
 """Reproduce the ADPA paper's comparison on the quickstart task: SFT / DPO / DCKD / ADPA / ADPA+ students, over seeds.
 
-The paper's claim (specs/dckd_adpa.md §6): DCKD and ADPA both improve a small student's alignment, ADPA beats DCKD,
+The paper's claim (docs/methods/dckd_adpa.md §6):
+DCKD and ADPA both improve a small student's alignment, ADPA beats DCKD,
 and ADPA+ (DCKD then ADPA) is best. Here every method runs inside the quickstart pipeline (same tiny teacher pair,
 same SFT student, same synthetic data per seed) and is scored with the task's ground-truth reward; the table gives
 mean ± sd over the seeds of reward, capability and preference rate.

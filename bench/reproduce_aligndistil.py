@@ -3,7 +3,7 @@
 Per seed: the quickstart's teacher/student preparation (`quickstart.base_stages`: SFT → DPO and reverse DPO, student
 SFT) runs as a cached pipeline under `<run_root>/seed<k>`; then, from the same student SFT model, each method trains
 with its quickstart settings (`dpo`: the quickstart's student DPO stage; `aligndistil_off` / `aligndistil_on`: this
-method's `quickstart_stages` / `quickstart_stages_on`), and the student's greedy ground-truth reward
+quickstart's `aligndistil_off_student` / `aligndistil_on_student`), and the student's greedy ground-truth reward
 (`synthetic.evaluate`, held-out prompts) is measured every `eval_every` optimizer steps — the reward-vs-steps curve
 that shows convergence speed (paper §6.5: AlignDistil converges faster than sequence- or scalar-reward RL; here the
 baseline is DPO on the same pairs).
@@ -29,14 +29,11 @@ METHODS = ("dpo", "aligndistil_off", "aligndistil_on")
 
 
 def _stages(method: str, seed: int) -> list:
-    from align_distill import quickstart
-    from align_distill.methods import aligndistil
+    from align_distill.quickstart import stages
 
     if method == "dpo":
-        return quickstart.METHOD_STAGES["dpo"](seed)
-    return (
-        aligndistil.quickstart_stages(seed) if method == "aligndistil_off" else aligndistil.quickstart_stages_on(seed)
-    )
+        return stages.METHOD_STAGES["dpo"](seed)
+    return stages.aligndistil_off_student(seed) if method == "aligndistil_off" else stages.aligndistil_on_student(seed)
 
 
 def prepare(run_dir: Path, seed: int, scale: float) -> Any:
@@ -55,14 +52,14 @@ def prepare(run_dir: Path, seed: int, scale: float) -> Any:
 
 def train_method(pipeline: Any, method: str, seed: int, every: int, n: int) -> list[dict]:
     """Train `method` from the seed's student SFT model with its quickstart config; return its reward curve."""
-    from align_distill.synthetic.curves import train_with_curve
+    from align_distill.quickstart.curves import train_with_curve
 
     (stage,) = _stages(method, seed)
     return train_with_curve(stage.target, pipeline.resolve(stage), pipeline.run_dir / f"curve_{method}", every, n)
 
 
 def summarize(results: dict[str, dict[str, list[dict]]], bases: dict[str, dict]) -> list[dict]:
-    from align_distill.synthetic.curves import steps_to_90
+    from align_distill.quickstart.curves import steps_to_90
 
     rows = []
     methods = sorted({m for per_seed in results.values() for m in per_seed}, key=list(METHODS).index)
@@ -105,8 +102,8 @@ def reproduce(
     run_root: Path, seeds: list[int], methods: list[str], every: int, n: int, scale: float
 ) -> tuple[list[dict], dict]:
     from align_distill.models import load_model, load_tokenizer
+    from align_distill.quickstart.curves import plot_curves
     from align_distill.synthetic import evaluate
-    from align_distill.synthetic.curves import plot_curves
 
     run_root.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict]]] = {}

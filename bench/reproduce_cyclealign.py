@@ -27,11 +27,11 @@ from align_distill.pipeline import Pipeline, Stage  # noqa: E402
 
 
 def stages(seed: int, quick: bool) -> list[Stage]:
-    from align_distill.methods.cyclealign import quickstart_stages
     from align_distill.quickstart import base_stages
+    from align_distill.quickstart.stages import cyclealign_student
 
     base = [s for s in base_stages(seed) if s.name in ("models", "data", "student_sft")]
-    [cyclealign] = quickstart_stages(seed)
+    [cyclealign] = cyclealign_student(seed)
     if quick:
         base[-1].config.update(max_steps=100)
         cyclealign.config.update(cycles=2, prompts_per_cycle=32, num_train_epochs=1)

@@ -5,7 +5,7 @@ same SFT student, with the same pairs, steps, learning rate and β:
 
     plain_dpo     TRL DPO, the student's own initialisation as the reference (the quickstart's `student_dpo`)
     teacher_ref   `align-distill train mod --stage pd`: DPO with the aligned teacher as the reference
-    mod_full      (--full) the whole LLaVA-MoD chain: d2d → upcycle → d2s → pd (quickstart_stages)
+    mod_full      (--full) the whole LLaVA-MoD chain: d2d → upcycle → d2s → pd (the quickstart's `mod_student`)
 
 and every model is scored with the ground-truth reward (greedy). Prints mean ± sd over seeds and writes
 `<run_dir>/results.json`. Stages are cached per seed, so a rerun only evaluates.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.reproduce_mod:evaluate` is a pipeline stage
 
-from align_distill.methods.mod import quickstart_stages
 from align_distill.pipeline import Pipeline, Stage
-from align_distill.quickstart import COMMON, _student_dpo, base_stages
+from align_distill.quickstart import COMMON, base_stages, student_dpo
+from align_distill.quickstart.stages import mod_student
 
 STEPS = {"teacher_dpo": 60, "student_dpo": 60, "mod_pd": 60}
 QUICK_STEPS = {"teacher_sft": 150, "student_sft": 150}
@@ -35,7 +35,7 @@ QUICK_STEPS = {"teacher_sft": 150, "student_sft": 150}
 
 def teacher_ref_stage(seed: int) -> Stage:
     """The pd stage on the dense SFT student, everything else as plain DPO (same steps, lr, β, batch)."""
-    plain = _student_dpo(seed)[0].config
+    plain = student_dpo(seed)[0].config
     return Stage(
         "teacher_ref",
         "train",
@@ -45,7 +45,7 @@ def teacher_ref_stage(seed: int) -> Stage:
             "stage": "pd",
             "model_name_or_path": "${student_sft}",
             "teacher_model_name_or_path": "${teacher_dpo}",
-            "dataset_path": "${data}/pairs.jsonl",
+            "dataset_name": "${data}/pairs.jsonl",
             "max_steps": plain["max_steps"],
             "learning_rate": plain["learning_rate"],
             "beta": plain["beta"],
@@ -77,7 +77,7 @@ def run_seed(run_dir: Path, seed: int, quick: bool, full: bool, n_eval: int) -> 
         for stage in stages:
             if stage.name in QUICK_STEPS:
                 stage.config["max_steps"] = QUICK_STEPS[stage.name]
-    stages += [*_student_dpo(seed), teacher_ref_stage(seed)]
+    stages += [*student_dpo(seed), teacher_ref_stage(seed)]
     models = {
         "teacher_dpo": "${teacher_dpo}",
         "student_sft": "${student_sft}",
@@ -85,7 +85,7 @@ def run_seed(run_dir: Path, seed: int, quick: bool, full: bool, n_eval: int) -> 
         "teacher_ref": "${teacher_ref}",
     }
     if full:
-        stages += quickstart_stages(seed)
+        stages += mod_student(seed)
         models["mod_full"] = "${mod_pd}"
     stages.append(Stage("evaluate", "call", "bench.reproduce_mod:evaluate", {"models": models, "n": n_eval}))
     pipeline = Pipeline(run_dir / f"seed{seed}", stages)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run one data-generation job (`align-distill generate JOB --config JOB.yaml`) across nodes and GPUs.
 #
-#   scripts/generate.sh JOB JOB.yaml [--key value ...]        JOB: sample | rollout | signals | rank | pairs
+#   scripts/generate.sh JOB CONFIG [--key value ...]          JOB: sample | rollout | signals | rank | pairs
+#   CONFIG: a YAML file, or a shipped recipe's name (dckd/signals; `align-distill recipes list`)
 #
 # Run the same command on every node; only NODE_RANK differs. Every engine writes its own part of ONE store
 # (the job's output_dir, which must be on a filesystem all nodes share): engine i of node r is part
@@ -12,12 +13,15 @@
 #   NODE_RANK         this node's rank, 0..NNODES-1 (0)
 #   TP                vLLM tensor_parallel_size of each engine (unset: the config's value)
 #   ENGINES_PER_NODE  engines started on this node, each on its own TP GPUs (1)
+#   PYTHON            the interpreter that has align_distill (python)
 #   DRY_RUN=1         print the commands instead of running them
 #
 # Examples:
-#   NNODES=4 NODE_RANK=$RANK TP=8 scripts/generate.sh rollout configs/adpa_rollout.yaml
-#   ENGINES_PER_NODE=4 TP=2 scripts/generate.sh signals configs/dckd_signals.yaml   # 4 engines x 2 GPUs
+#   NNODES=4 NODE_RANK=$RANK TP=8 scripts/generate.sh rollout adpa/rollout
+#   ENGINES_PER_NODE=4 TP=2 scripts/generate.sh signals align_distill/configs/dckd/signals.yaml   # 4 engines x 2 GPUs
 set -euo pipefail
+PYTHON=${PYTHON:-python}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
 if [ $# -lt 2 ]; then
     sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
@@ -26,7 +30,18 @@ fi
 JOB=$1
 CONFIG=$2
 shift 2
-[ -f "$CONFIG" ] || { echo "generate.sh: config $CONFIG not found" >&2; exit 2; }
+if [ ! -f "$CONFIG" ]; then  # a shipped recipe by name (align_distill.recipes)
+    CONFIG=$("$PYTHON" -c 'import sys
+try:
+    from align_distill.recipes import resolve_config
+except ImportError as error:
+    sys.exit(f"generate.sh: config {sys.argv[1]} not found (and align_distill is not importable: {error})")
+from align_distill.errors import ConfigError
+try:
+    print(resolve_config(sys.argv[1]))
+except ConfigError as error:
+    sys.exit(f"generate.sh: {error}")' "$CONFIG") || exit 2
+fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 ENGINES_PER_NODE=${ENGINES_PER_NODE:-1}
@@ -39,7 +54,7 @@ if [ -n "${TP:-}" ]; then
         sample | rollout) TP_ARGS=(--backend_kwargs.tensor_parallel_size "$TP") ;;
         rank) TP_ARGS=(--judge.backend_kwargs.tensor_parallel_size "$TP") ;;
         signals)
-            TEACHERS=$(python -c 'import sys, yaml; print(len((yaml.safe_load(open(sys.argv[1])) or {}).get("teachers") or []))' "$CONFIG")
+            TEACHERS=$("$PYTHON" -c 'import sys, yaml; print(len((yaml.safe_load(open(sys.argv[1])) or {}).get("teachers") or []))' "$CONFIG")
             for ((t = 0; t < TEACHERS; t++)); do
                 TP_ARGS+=("--teachers.$t.backend_kwargs.tensor_parallel_size" "$TP")
             done

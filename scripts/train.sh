@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch `align-distill train METHOD --config RECIPE [--key value ...]` on one or many nodes.
 #
-#   scripts/train.sh METHOD RECIPE.yaml [--key value ...]
+#   scripts/train.sh METHOD RECIPE [--key value ...]     RECIPE: a YAML file, or a shipped recipe's name (dckd/cache)
 #
 # Run the same command on every node; only NODE_RANK differs. Environment:
 #   LAUNCHER        accelerate (default) | deepspeed | torchrun
@@ -10,25 +10,43 @@
 #   NODE_RANK       this node's rank, 0..NNODES-1 (0)
 #   MASTER_ADDR     address of node 0 (127.0.0.1)
 #   MASTER_PORT     free TCP port on node 0 (29500)
-#   ZERO            ddp | zero2 | zero3 | zero3_offload (zero3): picks configs/accelerate/*.yaml and
-#                   configs/deepspeed/*.json; zero3_offload uses the zero3 accelerate file with the offload JSON
-#   ACCELERATE_CONFIG, DS_CONFIG   explicit config files instead of the ZERO choice (DS_CONFIG=none: no DeepSpeed)
+#   ZERO            ddp | zero2 | zero3 | zero3_offload (zero3): picks the installed package's configs/accelerate/*.yaml
+#                   and configs/deepspeed/*.json; zero3_offload uses the zero3 accelerate file with the offload JSON
+#   ACCELERATE_CONFIG, DS_CONFIG   explicit files (or names: deepspeed/zero3.json) instead of the ZERO choice
+#                   (DS_CONFIG=none: no DeepSpeed)
+#   PYTHON          the interpreter that has align_distill (python)
 #   DRY_RUN=1       print the command instead of running it
 #
 # Examples:
-#   NPROC_PER_NODE=8 scripts/train.sh dckd configs/dckd_live.yaml --output_dir runs/dckd
-#   NNODES=2 NODE_RANK=$RANK MASTER_ADDR=node0 LAUNCHER=deepspeed scripts/train.sh adpa configs/adpa_real.yaml
+#   NPROC_PER_NODE=8 scripts/train.sh dckd dckd/live --output_dir runs/dckd
+#   NNODES=2 NODE_RANK=$RANK MASTER_ADDR=node0 LAUNCHER=deepspeed scripts/train.sh adpa align_distill/configs/adpa/real.yaml
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)  # default config files live here; RECIPE is relative to the caller
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # the checkout: its configs when align_distill is not importable
+PYTHON=${PYTHON:-python}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+# A config argument: an existing file as given, else a shipped recipe / launcher file by name (align_distill.recipes).
+resolve() {
+    [ -f "$1" ] && { printf '%s\n' "$1"; return 0; }
+    "$PYTHON" -c 'import sys
+try:
+    from align_distill.recipes import resolve_config
+except ImportError as error:
+    sys.exit(f"{sys.argv[2]}: {sys.argv[1]} not found (and align_distill is not importable: {error})")
+from align_distill.errors import ConfigError
+try:
+    print(resolve_config(sys.argv[1]))
+except ConfigError as error:
+    sys.exit(f"{sys.argv[2]}: {error}")' "$1" train.sh
+}
 
 if [ $# -lt 2 ]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 METHOD=$1
-RECIPE=$2
+RECIPE=$(resolve "$2") || exit 2
 shift 2
-[ -f "$RECIPE" ] || { echo "train.sh: recipe $RECIPE not found" >&2; exit 2; }
 
 LAUNCHER=${LAUNCHER:-accelerate}
 NNODES=${NNODES:-1}
@@ -40,15 +58,20 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [ "${NPROC_PER_NODE:-0}" -gt 0 ] || NPROC_PER_NODE=1
 fi
+# the launcher files shipped in the package (where python imports it from), else the checkout's
+CONFIGS=$("$PYTHON" -c 'import align_distill, pathlib; print(pathlib.Path(align_distill.__file__).parent / "configs")' \
+    2>/dev/null) || CONFIGS=$REPO/align_distill/configs
 case "$ZERO" in
     ddp) ACC_DEFAULT=ddp; DS_DEFAULT=none ;;
-    zero2) ACC_DEFAULT=zero2; DS_DEFAULT=$REPO/configs/deepspeed/zero2.json ;;
-    zero3) ACC_DEFAULT=zero3; DS_DEFAULT=$REPO/configs/deepspeed/zero3.json ;;
-    zero3_offload) ACC_DEFAULT=zero3; DS_DEFAULT=$REPO/configs/deepspeed/zero3_offload.json ;;
+    zero2) ACC_DEFAULT=zero2; DS_DEFAULT=$CONFIGS/deepspeed/zero2.json ;;
+    zero3) ACC_DEFAULT=zero3; DS_DEFAULT=$CONFIGS/deepspeed/zero3.json ;;
+    zero3_offload) ACC_DEFAULT=zero3; DS_DEFAULT=$CONFIGS/deepspeed/zero3_offload.json ;;
     *) echo "train.sh: ZERO must be ddp, zero2, zero3 or zero3_offload; got $ZERO" >&2; exit 2 ;;
 esac
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$REPO/configs/accelerate/$ACC_DEFAULT.yaml}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$CONFIGS/accelerate/$ACC_DEFAULT.yaml}
+ACCELERATE_CONFIG=$(resolve "$ACCELERATE_CONFIG") || exit 2
 DS_CONFIG=${DS_CONFIG:-$DS_DEFAULT}
+[ "$DS_CONFIG" = none ] || DS_CONFIG=$(resolve "$DS_CONFIG") || exit 2
 TRAIN=(-m align_distill.cli train "$METHOD" --config "$RECIPE")
 
 case "$LAUNCHER" in

@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 # One vLLM engine and one `vllm serve` process shared by every vLLM test (see tests/vllm_fixtures.py).
-pytest_plugins = ["vllm_fixtures"]
+pytest_plugins = ["tests.vllm_fixtures"]
 
 
 @pytest.fixture(scope="session")

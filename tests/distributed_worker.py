@@ -43,7 +43,7 @@ CASES: dict[str, Case] = {
     ),
     "aligndistil": Case(
         "pairs.jsonl",
-        {"dpo_model_path": "{teacher}", "rev_dpo_model_path": "{student}"},
+        {"teacher_model_name_or_path": "{teacher}", "reference_model_name_or_path": "{student}"},
         ("dpo_model", "rev_dpo_model"),
     ),
     "mod": Case("sft.jsonl", {"stage": "d2d", "teacher_model_name_or_path": "{teacher}"}, ("teacher_model",)),
@@ -55,7 +55,7 @@ CASES: dict[str, Case] = {
             "cycles": 2,
             "prompts_per_cycle": 8,
             "num_responses": 3,
-            "max_new_tokens": 8,
+            "max_completion_length": 8,
             "generation_batch_size": 8,
             "min_agreement": 2,
             "black_box": {"kind": "noisy_oracle", "function": "align_distill.synthetic:reward", "noise": 0.3},
@@ -89,7 +89,7 @@ def recipe(spec: dict[str, Any], method: str) -> dict[str, Any]:
     config = {
         **COMMON,
         "model_name_or_path": models["student"],
-        "dataset_path": str(Path(spec["data"]) / data_file),
+        "dataset_name": str(Path(spec["data"]) / data_file),
         "output_dir": str(Path(spec["out"]) / method / "model"),
         "max_steps": spec["steps"],
         "per_device_train_batch_size": spec["batch"],

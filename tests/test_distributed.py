@@ -6,8 +6,9 @@ built so that the two halves of every global batch have the same token counts: a
 equals the global one, so every method's loss (token-, sequence- or pair-mean) must match the reference.
 
 Launchers, one per mode, so each launch path is exercised: DDP and ZeRO-2 with `accelerate launch` and the shipped
-configs/accelerate/*.yaml (+ configs/deepspeed/zero2.json), ZeRO-3 with the `deepspeed` launcher and the shipped
-configs/deepspeed/zero3.json with `stage3_param_persistence_threshold: 0`, so the tiny models are really
+align_distill/configs/accelerate/*.yaml (+ align_distill/configs/deepspeed/zero2.json),
+ZeRO-3 with the `deepspeed` launcher and the shipped
+align_distill/configs/deepspeed/zero3.json with `stage3_param_persistence_threshold: 0`, so the tiny models are really
 partitioned.
 
 CycleAlign (two cycles: sample, rank, train) is compared the same way, cycle by cycle: its samples use per-row
@@ -16,7 +17,8 @@ seeds, so splitting them into one store part per process changes none, and its l
 Tolerance: losses and final weights match the reference within `RTOL`/`ATOL` (fp32; only the order of the
 cross-process reductions differs).
 
-`test_zero3_offload_config_trains_on_two_processes` runs the shipped configs/deepspeed/zero3_offload.json once
+`test_zero3_offload_config_trains_on_two_processes` runs the shipped
+align_distill/configs/deepspeed/zero3_offload.json once
 (SFT, 2 steps): it must train, with DeepSpeedCPUAdam and both offloads, on two processes.
 """
 
@@ -34,9 +36,9 @@ import pytest
 import torch
 import yaml
 
+from tests.distributed_worker import CASES
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import CASES  # noqa: E402
 
 STEPS = 3
 BATCH = 2
@@ -174,17 +176,20 @@ def launch(mode: str, spec: dict, out: Path) -> Path:
             "-m",
             "accelerate.commands.launch",
             "--config_file",
-            str(REPO / "configs" / "accelerate" / f"{mode}.yaml"),
+            str(REPO / "align_distill" / "configs" / "accelerate" / f"{mode}.yaml"),
             "--num_processes",
             str(WORLD),
             "--main_process_port",
             port,
         ]
         if mode == "zero2":
-            command += ["--deepspeed_config_file", str(REPO / "configs" / "deepspeed" / "zero2.json")]
+            command += [
+                "--deepspeed_config_file",
+                str(REPO / "align_distill" / "configs" / "deepspeed" / "zero2.json"),
+            ]
         command += [worker, str(spec_path)]
     else:  # zero3, zero3_offload: the shipped config of that name
-        ds = json.loads((REPO / "configs" / "deepspeed" / f"{mode}.json").read_text())
+        ds = json.loads((REPO / "align_distill" / "configs" / "deepspeed" / f"{mode}.json").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny norms
         spec["deepspeed"] = str(out / f"{mode}.json")
         Path(spec["deepspeed"]).write_text(json.dumps(ds))
@@ -321,7 +326,8 @@ def test_two_processes_match_one(distributed, reference, method):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero3_offload_config_trains_on_two_processes(spec, deepspeed_ops, tmp_path):
-    """The shipped configs/deepspeed/zero3_offload.json trains SFT on two processes: ZeRO-3 with the optimizer
+    """The shipped align_distill/configs/deepspeed/zero3_offload.json trains SFT on two processes: ZeRO-3 with the
+    optimizer
     (DeepSpeedCPUAdam, a C++ op JIT-built on first use: ~3.5 min on 2 cores, then cached under
     ~/.cache/torch_extensions) and the parameters offloaded to the CPU. On a CPU-only box offloading moves nothing,
     so this checks that the config is valid and trains, not that it saves accelerator memory."""
@@ -392,8 +398,10 @@ def test_train_sh_composes_each_launcher(tmp_path):
 
     (command,) = dry_run("train.sh", "dckd", str(recipe), "--max_steps", "5", **nodes)
     assert command[:2] == ["accelerate", "launch"]
-    assert command[command.index("--config_file") + 1] == str(REPO / "configs/accelerate/zero3.yaml")
-    assert command[command.index("--deepspeed_config_file") + 1] == str(REPO / "configs/deepspeed/zero3.json")
+    assert command[command.index("--config_file") + 1] == str(REPO / "align_distill/configs/accelerate/zero3.yaml")
+    assert command[command.index("--deepspeed_config_file") + 1] == str(
+        REPO / "align_distill/configs/deepspeed/zero3.json"
+    )
     for flag, value in (("--num_machines", "2"), ("--num_processes", "8"), ("--machine_rank", "1"),
                         ("--main_process_ip", "10.0.0.1"), ("--main_process_port", "2999")):  # fmt: skip
         assert command[command.index(flag) + 1] == value, flag
@@ -404,7 +412,7 @@ def test_train_sh_composes_each_launcher(tmp_path):
     assert command[command.index("--node_rank") + 1] == "1"
     assert command[command.index("--master_addr") + 1] == "10.0.0.1"
     tail = ["--module", "align_distill.cli", "train", "sft", "--config", str(recipe), "--deepspeed"]
-    assert command[-8:-1] == tail and command[-1] == str(REPO / "configs/deepspeed/zero2.json")
+    assert command[-8:-1] == tail and command[-1] == str(REPO / "align_distill/configs/deepspeed/zero2.json")
 
     (command,) = dry_run("train.sh", "sft", str(recipe), LAUNCHER="torchrun", ZERO="ddp", **nodes)
     assert command[0] == "torchrun" and "--deepspeed" not in command
@@ -445,7 +453,7 @@ def test_generate_sh_nodes_fill_one_store(tiny_models, tmp_path):
     config.write_text(
         yaml.safe_dump(
             {"input": str(prompts), "output_dir": str(store), "model": str(tiny_models["student"]),
-             "max_new_tokens": 4, "temperature": 0.0, "progress": False}
+             "max_completion_length": 4, "temperature": 0.0, "progress": False}
         )
     )  # fmt: skip
     for rank in ("1", "0"):
@@ -476,7 +484,7 @@ def test_train_sh_deepspeed_launcher_trains_on_two_processes(tiny_models, dist_d
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(
         yaml.safe_dump(
-            {"model_name_or_path": str(tiny_models["student"]), "dataset_path": str(tmp_path / "sft.jsonl"),
+            {"model_name_or_path": str(tiny_models["student"]), "dataset_name": str(tmp_path / "sft.jsonl"),
              "output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 2,
              "logging_steps": 1, "bf16": False, "save_strategy": "no", "max_length": 64, "disable_tqdm": True}
         )

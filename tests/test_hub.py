@@ -107,7 +107,7 @@ def pipeline_run(tiny_models, tmp_path_factory, recipe_secret) -> Path:
             "dckd",
             {
                 "model_name_or_path": str(tiny_models["student"]),
-                "dataset_path": "${data}/pairs.jsonl",
+                "dataset_name": "${data}/pairs.jsonl",
                 "signals_path": "${signals}",
                 "use_peft": True,
                 "lora_r": 4,
@@ -141,8 +141,8 @@ def all_text(caplog, capsys) -> str:
 @pytest.mark.slow
 def test_push_uploads_adapter_tokenizer_card_and_record(pipeline_run, hub, tiny_models, capsys):
     from align_distill import __version__
+    from align_distill.fingerprint import path_digest
     from align_distill.hub import push_command
-    from align_distill.pipeline import file_fingerprint
 
     adapter_config = (pipeline_run / "student" / "adapter_config.json").read_bytes()
     assert push_command(str(pipeline_run), REPO_ID, private=True, revision="v1", base_model="my-org/tiny-base") == 0
@@ -185,9 +185,7 @@ def test_push_uploads_adapter_tokenizer_card_and_record(pipeline_run, hub, tiny_
     assert teacher["chain"] in card
     # datasets with fingerprints: the pairs file by content, the signal store by its job fingerprint
     datasets = {d["role"]: d for d in record["datasets"]}
-    assert (
-        datasets["dataset_path"]["fingerprint"] == f"sha256:{file_fingerprint(pipeline_run / 'data' / 'pairs.jsonl')}"
-    )
+    assert datasets["dataset_name"]["fingerprint"] == f"sha256:{path_digest(pipeline_run / 'data' / 'pairs.jsonl')}"
     manifest = json.loads((pipeline_run / "signals" / "manifest.json").read_text())
     assert datasets["signals_path"]["fingerprint"] == f"store:{manifest['fingerprint_sha256']}"
     # the data_gen job and its settings
@@ -257,8 +255,9 @@ def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub,
     model + tokenizer + card once, privately, to hub_model_id."""
     from trl import TrlParser
 
-    from align_distill.hub import train_and_publish
+    from align_distill.hub import push_run
     from align_distill.methods import method_module
+    from align_distill.methods.run import run_method
     from align_distill.quickstart import write_data
 
     token = fake_token()
@@ -267,7 +266,7 @@ def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub,
     write_data(tmp_path, n_sft=8, n_pairs=4, n_prompts=4)
     recipe = {
         "model_name_or_path": str(tiny_models["student"]),
-        "dataset_path": str(tmp_path / "sft.jsonl"),
+        "dataset_name": str(tmp_path / "sft.jsonl"),
         "output_dir": str(tmp_path / "out"),
         "max_steps": 1,
         "per_device_train_batch_size": 4,
@@ -282,7 +281,7 @@ def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub,
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
     module = method_module("sft")
     parsed = TrlParser(module.DATACLASSES).parse_args_and_config(args=["--config", str(tmp_path / "sft.yaml")])
-    train_and_publish("sft", module, parsed)
+    run_method("sft", module, parsed, publish=push_run)
     assert parsed[1].push_to_hub is False  # the Trainer's own push (repo at start, training_args.bin) stayed off
 
     assert hub.call("create_repo") == {
@@ -305,7 +304,7 @@ def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub,
 
 
 def test_redact_hides_credentials_and_token_shaped_strings():
-    from align_distill.model_card import REDACTED, redact
+    from align_distill.redaction import REDACTED, redact
 
     token = fake_token()
     data = {

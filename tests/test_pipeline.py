@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from align_distill.errors import ConfigError
 from align_distill.pipeline import Pipeline, PipelineError, run_pipeline_file
 
 CALL = "tests.pipeline_stages"
@@ -80,11 +81,11 @@ def test_interrupted_stage_is_never_complete_and_is_redone_cleanly(tmp_path):
 def test_recipe_errors_name_the_stage(tmp_path):
     bad = recipe(tmp_path)
     bad["stages"][0]["config"]["source"] = "${second}"
-    with pytest.raises(PipelineError, match=r"'first' references \$\{second\}, which is a later stage"):
+    with pytest.raises(PipelineError, match=r"stage `first`: references \$\{second\}, which is a later stage"):
         Pipeline.from_recipe(bad)
     bad = recipe(tmp_path)
     bad["stages"][1]["trian"] = "sft"
-    with pytest.raises(PipelineError, match=r"stage 'second': unknown keys \['trian'\]"):
+    with pytest.raises(PipelineError, match=r"stage `second`: unknown key `trian` \(did you mean `train`\?\)"):
         Pipeline.from_recipe(bad)
     bad = recipe(tmp_path)
     bad["stages"][1]["name"] = "first"
@@ -100,7 +101,7 @@ def test_train_stage_rejects_unknown_config_keys_and_bad_data_before_training(tm
     spec = {
         "run_dir": str(tmp_path / "run"),
         "stages": [
-            {"name": "dpo", "train": "dpo", "config": {"model_name_or_path": "nowhere", "dataset_path": str(data)}}
+            {"name": "dpo", "train": "dpo", "config": {"model_name_or_path": "nowhere", "dataset_name": str(data)}}
         ],
     }
     path = tmp_path / "recipe.yaml"
@@ -113,5 +114,5 @@ def test_train_stage_rejects_unknown_config_keys_and_bad_data_before_training(tm
     data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     spec["stages"][0]["config"]["learning_rat"] = 1e-3
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(PipelineError, match=r"stage 'dpo' \(dpo\).*learning_rat"):
+    with pytest.raises(ConfigError, match=r"recipe.yaml: line \d+: stage `dpo`: unknown key `learning_rat` for dpo"):
         run_pipeline_file(path)

@@ -8,19 +8,34 @@ was found, and in which file.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
-
+from align_distill import configuration
+from align_distill.configuration import build_config, parse_overrides
 from align_distill.data_gen.backends.base import SamplingParams
+from align_distill.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A job configuration is malformed: unknown key, wrong type, missing value, bad combination."""
+__all__ = [
+    "CONFIGS",
+    "ConfigError",
+    "GeneratorSpec",
+    "JobConfig",
+    "JudgeSpec",
+    "PairsConfig",
+    "RankConfig",
+    "RolloutConfig",
+    "SampleConfig",
+    "SignalsConfig",
+    "TeacherSpec",
+    "as_config",
+    "build_config",
+    "describe",
+    "load_config",
+    "parse_overrides",
+]
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -80,13 +95,17 @@ class SampleConfig(JobConfig, GeneratorSpec):
 
     Seeds: sample j of the row with id r is drawn with a seed derived from (seed, r, j), so resuming or splitting
     the job into parts gives the same samples as one uninterrupted run.
+
+    Deprecated key (one release): `max_new_tokens` → `max_completion_length`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {"max_new_tokens": "max_completion_length"}
 
     n: int = _help("Samples per prompt.", 1)
     temperature: float = _help("Sampling temperature; 0 = greedy.", 1.0)
     top_p: float = _help("Nucleus sampling threshold (1 = off).", 1.0)
     top_k: int = _help("Top-k sampling (0 = off).", 0)
-    max_new_tokens: int = _help("Maximum response length in tokens.", 256)
+    max_completion_length: int = _help("Maximum response length in tokens.", 256)
     stop: list[str] = _help(
         "Stop strings (left out of the text; the token ids keep the generated tokens).", factory=list
     )
@@ -99,7 +118,7 @@ class SampleConfig(JobConfig, GeneratorSpec):
                 temperature=self.temperature,
                 top_p=self.top_p,
                 top_k=self.top_k,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=self.max_completion_length,
                 stop=tuple(self.stop),
                 seed=self.seed,
             )
@@ -140,11 +159,15 @@ class SignalsConfig(JobConfig):
     Input: a preference dataset (chosen and rejected responses) or a prompt/completion dataset (e.g. `rollout`
     output, whose exact `completion_ids` are used). Signals are computed on exactly the ids the student sees: the
     prompt through the student tokenizer's chat template + the response ids, both recorded in the row.
+
+    Deprecated key (one release): `top_k` → `signals_top_k`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {"top_k": "signals_top_k"}
 
     teachers: list[TeacherSpec] = _help("Teachers (name, model, backend, ..., gather_at).", factory=list)
     tokenizer: str | None = _help("The student's tokenizer; default: the first teacher's.", None)
-    top_k: int = _help("Ids kept per token (signals cost ~4·k + 4 bytes per token per teacher).", 50)
+    signals_top_k: int = _help("Ids kept per token (signals cost ~4·k + 4 bytes per token per teacher).", 50)
     responses: list[str] | None = _help(
         "Response columns to score; default: chosen and rejected if present, else completion.", None
     )
@@ -171,13 +194,21 @@ class SignalsConfig(JobConfig):
                         f"SignalsConfig.teachers[{index}] ({teacher.name}): gather_at={teacher.gather_at!r} must name "
                         f"an earlier teacher with its own top-k; found {own}"
                     )
-        if self.top_k < 1:
-            raise ConfigError(f"SignalsConfig: top_k must be >= 1, got {self.top_k}")
+        if self.signals_top_k < 1:
+            raise ConfigError(f"SignalsConfig: signals_top_k must be >= 1, got {self.signals_top_k}")
 
 
 @dataclass
 class JudgeSpec(GeneratorSpec):
-    """The judge of the `rank` job."""
+    """The judge of the `rank` job.
+
+    Deprecated keys (one release): `max_new_tokens` → `max_completion_length`, `normalize` → `length_normalize`.
+    """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "max_new_tokens": "max_completion_length",
+        "normalize": "length_normalize",
+    }
 
     kind: Literal["llm", "reward_model", "likelihood", "callable"] = _help(
         "llm: a model prompted to rank (any backend); reward_model: AutoModelForSequenceClassification score; "
@@ -199,9 +230,9 @@ class JudgeSpec(GeneratorSpec):
     max_retries: int = _help("For kind=llm: re-asks of an unparsable answer before the row is marked failed.", 2)
     temperature: float = _help("For kind=llm: the judge's temperature on the first try.", 0.0)
     retry_temperature: float = _help("For kind=llm: temperature of retries (a greedy retry would repeat itself).", 0.7)
-    max_new_tokens: int = _help("For kind=llm: answer length limit.", 256)
+    max_completion_length: int = _help("For kind=llm: answer length limit in tokens.", 256)
     seed: int = _help("For kind=llm: base seed of the retries.", 0)
-    normalize: bool = _help("For kind=likelihood: mean instead of sum of token log-probs.", True)
+    length_normalize: bool = _help("For kind=likelihood: mean instead of sum of token log-probs.", True)
     batch_size: int = _help("For kind=reward_model: rows per forward pass.", 8)
 
     def check(self, where: str) -> None:
@@ -254,150 +285,43 @@ CONFIGS: dict[str, type[JobConfig]] = {
 }
 
 
-# -- building configs from plain data ---------------------------------------------------------------------------
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+# -- building configs: align_distill.configuration does the parsing, typing and error messages ------------------
+configuration.SHORTHANDS[GeneratorSpec] = "model"  # `teacher: path/to/model` means {model: path/to/model}
 
 
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(
-            errors[-1]
-            if len(errors) == 1
-            else f"{where}: expected {_type_name(hint)}, found {type(value).__name__} {value!r}"
-        )
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, found {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, str) and issubclass(hint, GeneratorSpec):
-            value = {"model": value}  # shorthand: `teacher: path/to/model`
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, found {type(value).__name__}")
-        return build_config(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, found {type(value).__name__} {value!r}")
-        return [_convert(item, args[0] if args else Any, f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, found {type(value).__name__} {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, found {type(value).__name__} {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, found {type(value).__name__} {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, found {type(value).__name__} {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, found {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported config type {hint!r}")
-
-
-def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
-    """An instance of dataclass `cls` from `data`, type-checked; unknown keys are errors listing the known ones."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in data if key not in names]
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(names)}")
-    values = {key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()}
-    return cls(**values)
-
-
-def parse_overrides(arguments: list[str]) -> dict[str, Any]:
-    """`--key value`, `--key=value` and bare `--flag` (true) into a nested dict; dotted keys nest
-    (`--judge.kind llm`), a numeric part indexes a list (`--teachers.0.model x`). Values are read as YAML."""
-    result: dict[str, Any] = {}
-    i = 0
-    while i < len(arguments):
-        argument = arguments[i]
-        if not argument.startswith("--") or argument == "--":
-            raise ConfigError(f"expected --key value, found {argument!r}")
-        key, eq, raw = argument[2:].partition("=")
-        if not eq:
-            if i + 1 < len(arguments) and not arguments[i + 1].startswith("--"):
-                raw, i = arguments[i + 1], i + 1
-            else:
-                raw = "true"
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_path(result, key.replace("-", "_").split("."), value)
-        i += 1
-    return result
-
-
-def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        target = target.setdefault(part, {})
-    target[path[-1]] = value
-
-
-def _merge(base: Any, override: Any) -> Any:
-    """Override into base; a mapping with integer keys ({"0": {...}}) updates list items by index."""
-    if isinstance(base, list) and isinstance(override, dict) and all(str(k).isdigit() for k in override):
-        merged = list(base)
-        for key, value in override.items():
-            index = int(key)
-            if index >= len(merged):
-                raise ConfigError(f"override index {index} is past the end of a list of {len(merged)}")
-            merged[index] = _merge(merged[index], value)
-        return merged
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = _merge(base.get(key), value) if key in base else value
-        return merged
-    return override
-
-
-def load_config(kind: str, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """The `kind` job's config from a YAML file (optional) with `overrides` on top, built and checked."""
+def load_config(
+    kind: str,
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    source: configuration.Source | None = None,
+) -> JobConfig:
+    """The `kind` job's config from a YAML file or recipe name (optional) with `overrides` (a mapping, or
+    `--key value` arguments) on top, built and checked. `source` names a config given without a file (a pipeline
+    stage)."""
     if kind not in CONFIGS:
-        raise ConfigError(f"unknown job {kind!r}; expected one of {', '.join(CONFIGS)}")
-    data: dict[str, Any] = {}
-    where = f"{kind} config"
-    if path is not None:
-        where = f"{kind} config {path}"
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level, found {type(loaded).__name__}")
-        data = loaded or {}
-    data = _merge(data, overrides or {})
-    config = build_config(CONFIGS[kind], data, where)
-    config.check()
+        raise ConfigError(f"unknown job `{kind}`{_suggest(kind, CONFIGS)}; expected one of {', '.join(CONFIGS)}")
+    values, loaded = configuration.load_values(path, overrides, label=f"{kind} config")
+    source = source if source is not None and path is None else loaded
+    hint = f"`align-distill generate {kind} --help` lists its keys"
+    (config,) = configuration.build_dataclasses((CONFIGS[kind],), values, source, kind, hint)
+    try:
+        config.check()
+    except ConfigError as error:
+        if source.file is None and not source.context:
+            raise
+        raise ConfigError(f"{source.where()}: {error}") from None
     return config
 
 
-def as_config(kind: str, config: JobConfig | dict[str, Any] | str | Path) -> JobConfig:
-    """Accept a config object, a dict of keys or a YAML path."""
+def _suggest(name: str, names: Any) -> str:
+    match = difflib.get_close_matches(name, list(names), n=1)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def as_config(
+    kind: str, config: JobConfig | dict[str, Any] | str | Path, source: configuration.Source | None = None
+) -> JobConfig:
+    """Accept a config object, a dict of keys or a YAML path (or recipe name)."""
     if isinstance(config, JobConfig):
         expected = CONFIGS[kind]
         if type(config) is not expected:
@@ -405,17 +329,11 @@ def as_config(kind: str, config: JobConfig | dict[str, Any] | str | Path) -> Job
         config.check()
         return config
     if isinstance(config, dict):
-        return load_config(kind, None, config)
+        return load_config(kind, None, config, source)
     return load_config(kind, config)
 
 
 def describe(kind: str) -> str:
     """Help text of a job: its docstring and every key with type, default and help."""
-    cls = CONFIGS[kind]
-    hints = typing.get_type_hints(cls)
-    lines = [f"align-distill generate {kind} --config job.yaml [--key value ...] [--overwrite]", ""]
-    lines += [line.strip() for line in (cls.__doc__ or "").strip().splitlines()] + ["", "keys:"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    usage = f"align-distill generate {kind} --config job.yaml [--key value ...] [--overwrite]"
+    return configuration.describe_dataclass(CONFIGS[kind], usage)

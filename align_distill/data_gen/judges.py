@@ -16,7 +16,6 @@ answer — never guessed.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import re
@@ -26,8 +25,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from align_distill.data_gen.backends import Generator, SamplingParams, generate_with_seeds
-from align_distill.data_gen.tokens import (
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from align_distill.callables import load_callable
+from align_distill.data.tokens import (
     Response,
     as_messages,
     encode_prompt_responses,
@@ -35,6 +37,8 @@ from align_distill.data_gen.tokens import (
     render_conversation,
     response_text,
 )
+from align_distill.data_gen.backends import Generator, SamplingParams, generate_with_seeds, make_generator
+from align_distill.data_gen.backends.transformers_backend import _resolve_device, _resolve_dtype
 
 DEFAULT_INSTRUCTION = (
     "Rank the candidate responses to the prompt below from best to worst: prefer responses that are correct, "
@@ -84,9 +88,13 @@ def parse_ranking(answer: str, n: int) -> list[int]:
     return [i - 1 for i in ids]
 
 
-def ranking_from_scores(scores: Sequence[float]) -> list[int]:
-    """Indices by descending score; ties keep the lower index first."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+def ranking_from_scores(scores: Sequence[float], higher_is_better: bool = True) -> list[int]:
+    """Indices of `scores` best first; equal scores keep the lower index first (deterministic). NaN has no rank."""
+    values = [float(s) for s in scores]
+    bad = [k for k, v in enumerate(values) if math.isnan(v)]
+    if bad:
+        raise ValueError(f"cannot rank NaN scores; found NaN at index {bad}")
+    return sorted(range(len(values)), key=lambda k: (-values[k] if higher_is_better else values[k], k))
 
 
 def _quote(text: str) -> str:
@@ -267,17 +275,7 @@ class CallableJudge(ScoringJudge):
 
 
 def import_function(spec: str) -> Callable[..., Any]:
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import module {module_name!r} of judge function {spec!r}: {error}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"module {module_name!r} has no function {name!r} (judge function {spec!r})")
-    return function
+    return load_callable(spec, "judge function")
 
 
 class LikelihoodJudge(ScoringJudge):
@@ -310,10 +308,6 @@ class RewardModelJudge(ScoringJudge):
         revision: str | None = None,
         max_length: int | None = None,
     ):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from align_distill.data_gen.backends.transformers_backend import _resolve_device, _resolve_dtype
 
         target = _resolve_device(device)
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -356,7 +350,6 @@ class RewardModelJudge(ScoringJudge):
 
 def make_judge(spec: Any) -> Judge:
     """A judge from a `JudgeSpec` (see `align_distill.data_gen.config`)."""
-    from align_distill.data_gen.backends import make_generator
 
     if spec.kind == "callable":
         return CallableJudge(spec.function)
@@ -367,9 +360,11 @@ def make_judge(spec: Any) -> Judge:
         )
     generator = make_generator(spec.backend, spec.model, spec.tokenizer, **spec.backend_kwargs)
     if spec.kind == "likelihood":
-        return _Owning(LikelihoodJudge(generator, normalize=spec.normalize), generator)
+        return _Owning(LikelihoodJudge(generator, normalize=spec.length_normalize), generator)
     if spec.kind == "llm":
-        params = SamplingParams(temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, seed=spec.seed)
+        params = SamplingParams(
+            temperature=spec.temperature, max_new_tokens=spec.max_completion_length, seed=spec.seed
+        )
         judge = LLMJudge(
             generator,
             spec.instruction,

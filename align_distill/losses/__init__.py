@@ -10,17 +10,17 @@ _EXPORTS = {
     # chunked full-vocabulary machinery, shared by every full-vocabulary loss
     "kd_loss": "divergence",
     "chunked_token_map": "divergence",
-    # DCKD / ADPA (specs/dckd_adpa.md)
+    # DCKD / ADPA (docs/methods/dckd_adpa.md)
     "topk_kd_loss": "topk",
     "adpa_advantages": "adpa",
     "adpa_loss": "adpa",
-    # AlignDistil (specs/aligndistil.md)
+    # AlignDistil (docs/methods/aligndistil.md)
     "aligndistil_teacher": "aligndistil",
     "aligndistil_loss": "aligndistil",
-    # LLaVA-MoD (specs/llava_mod.md)
+    # LLaVA-MoD (docs/methods/llava_mod.md)
     "teacher_ref_preference_loss": "preference",
     "moe_balancing_loss": "moe",
-    # CycleAlign (specs/cyclealign.md)
+    # CycleAlign (docs/methods/cyclealign.md)
     "pro_loss": "ranking",
     # shared helpers
     "masked_mean": "reduction",

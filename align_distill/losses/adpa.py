@@ -1,4 +1,4 @@
-"""ADPA: advantage-guided distillation from a DPO teacher and its reference (specs/dckd_adpa.md §4).
+"""ADPA: advantage-guided distillation from a DPO teacher and its reference (docs/methods/dckd_adpa.md §4).
 
 Every token a of the DPO teacher's top-k at state s_t gets an advantage A_t(a); the student maximises its
 expected advantage Σ_a q_t(a)·A_t(a) on fixed, student-generated responses (ℓ_t = −that, minimised).
@@ -58,7 +58,7 @@ def adpa_advantages(
         raise ValueError(f"unknown mode {mode!r}; expected paper or official")
     if beta != 1.0:
         raise ValueError(
-            f"official ADPA advantages carry no β (spec §4.2; the scale is adpa_weight); found beta={beta}"
+            f"official ADPA advantages carry no β (dckd_adpa §4.2; the scale is adpa_weight); found beta={beta}"
         )
     p_dpo = dpo_lp.exp().clamp(min=ADVANTAGE_PROB_FLOOR)
     fallback = dpo_lp.exp().amin(-1, keepdim=True).clamp(min=ADVANTAGE_PROB_FLOOR).expand_as(p_dpo)
@@ -91,7 +91,7 @@ def adpa_loss(
     chunk_size: int | None = None,
     reduction: Reduction = "token_mean",
 ) -> torch.Tensor:
-    """ADPA loss: minus the student's expected advantage (specs/dckd_adpa.md §4.3-§4.4).
+    """ADPA loss: minus the student's expected advantage (docs/methods/dckd_adpa.md §4.3-§4.4).
 
     Shapes: `student_logits [B, T, V]`, `adv_ids`/`adv_values [B, T, K]` from `adpa_advantages`, `mask [B, T]`.
     `paper`: ℓ_t = −Σ_i q_t(i)·A_t(i), raw advantages; tokens outside the ids have A = 0; with K = V it is the

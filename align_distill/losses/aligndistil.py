@@ -1,4 +1,4 @@
-"""AlignDistil: token-adaptive logit extrapolation teacher + β_t-weighted reverse KL (specs/aligndistil.md).
+"""AlignDistil: token-adaptive logit extrapolation teacher + β_t-weighted reverse KL (docs/methods/aligndistil.md).
 
 Teacher (§4, released method): z* = z_dpo + α_t·(z_dpo − z_rev) with α_t = tvd_scale·TVD_t + ε, where
 TVD_t = Σ_v |p_dpo − p_rev| (code convention, no ½; `tvd_half=True` for the paper's ½, r_paper = 2·tvd_scale).
@@ -31,7 +31,7 @@ def aligndistil_teacher(
     ratio: float | None = None,
     ref_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher log-probs `[..., V]` and extrapolation coefficient α `[...]` (specs/aligndistil.md §3-§4, §8.1).
+    """Teacher log-probs `[..., V]` and extrapolation coefficient α `[...]` (docs/methods/aligndistil.md §3-§4, §8.1).
 
     - `adaptive` (default; official `aligndistil`): α = tvd_scale·TVD(p_dpo, p_rev) + eps,
       z* = z_dpo + α·(z_dpo − z_rev).
@@ -79,7 +79,7 @@ def aligndistil_loss(
     reduction: Reduction = "sequence_mean",
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """AlignDistil loss: Σ β_t·KL(π_θ ‖ π*) reduced over the mask (specs/aligndistil.md §5, §8.1).
+    """AlignDistil loss: Σ β_t·KL(π_θ ‖ π*) reduced over the mask (docs/methods/aligndistil.md §5, §8.1).
 
     Shapes: `student_logits`, `dpo_logits`, `rev_logits` (and `ref_logits` for `theorem1`) `[B, T, V]`, rows
     already aligned to the scored response tokens (textbook alignment is the caller's mask; §5.3), `mask [B, T]`.

@@ -226,7 +226,7 @@ def kd_loss(
     chunk_size: int | None = None,
     reduction: Reduction = "token_mean",
 ) -> torch.Tensor:
-    """Full-vocabulary distillation loss (DCKD `paper` mode, specs/dckd_adpa.md §3.3; LLaVA-MoD mimic KL).
+    """Full-vocabulary distillation loss (DCKD `paper` mode, docs/methods/dckd_adpa.md §3.3; LLaVA-MoD mimic KL).
 
     Shapes: `student_logits`, `teacher_logits` `[B, T, V]` (row t predicts response token t; a padded teacher
     head must be sliced to the student's V by the caller), `mask` `[B, T]`. Per-token divergence as in

@@ -1,4 +1,4 @@
-"""Load-balancing (auxiliary) loss of a sparse MoE student (LLaVA-MoD, specs/llava_mod.md §3.2).
+"""Load-balancing (auxiliary) loss of a sparse MoE student (LLaVA-MoD, docs/methods/llava_mod.md §3.2).
 
 Per MoE layer, over S tokens with gate probabilities g_s = softmax(router logits h_s) ∈ Δ^E:
 m_e = mean_s g_{s,e} and c_e = fraction of tokens whose *first* choice is e; ℓ_aux = E · Σ_e m_e c_e (1 for
@@ -49,7 +49,7 @@ def moe_balancing_loss(
     `router_logits`: one tensor `[S, E]` / `[B, T, E]`, or one per MoE layer (the `router_logits` tuple a
     transformers MoE model returns with `output_router_logits=True`, each `[B*T, E]`).
     `attention_mask`: optional `[B, T]`; when given only its tokens count (LLaVA-MoD's code counts padding too,
-    which is what `None` does). `top_k` only matters for `convention="transformers"`: the spec's (DeepSpeed)
+    which is what `None` does). `top_k` only matters for `convention="transformers"`: the method page's (DeepSpeed)
     loss counts first choices only, whatever k the router uses.
     """
     if convention not in ("deepspeed", "transformers"):

@@ -1,6 +1,6 @@
 """LLaVA-MoD stage 2: preference distillation with the frozen teacher as the reference model.
 
-specs/llava_mod.md §5. Inputs are summed response log-probabilities `[B]` (see `reduction.sequence_logps`,
+docs/methods/llava_mod.md §5. Inputs are summed response log-probabilities `[B]` (see `reduction.sequence_logps`,
 `average=False`) of the student policy and of the teacher on the same chosen / rejected answers. With
 c = log π_s(y_w) − log π_T(y_w) and r = log π_s(y_l) − log π_T(y_l):
 

@@ -1,6 +1,6 @@
 """CycleAlign's white-box objective: PRO's list-wise ranking loss plus SFT on the top response.
 
-specs/cyclealign.md §7. For one prompt with a ranked list y^1 ≻ … ≻ y^n and scores s_k (length-normalised
+docs/methods/cyclealign.md §7. For one prompt with a ranked list y^1 ≻ … ≻ y^n and scores s_k (length-normalised
 log-likelihoods, §4, with gradients):
 
 - rank-only (§7.1, default): L_rank = Σ_{k=1}^{n−1} [ −s_k + log Σ_{i≥k} exp(s_i) ] (Plackett–Luce NLL);

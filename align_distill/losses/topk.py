@@ -1,4 +1,4 @@
-"""Top-k + rest-bucket forward KL from cached teacher signals (DCKD, specs/dckd_adpa.md §3.2-§3.3).
+"""Top-k + rest-bucket forward KL from cached teacher signals (DCKD, docs/methods/dckd_adpa.md §3.2-§3.3).
 
 The teacher-signal cache holds, per response token, the teacher's top-k ids and log-probs; the student's
 probability of the same k ids plus one "rest" bin (all other tokens) makes a (K+1)-bin distribution. The
@@ -105,7 +105,8 @@ def topk_kd_loss(
     chunk_size: int | None = None,
     reduction: Reduction = "token_mean",
 ) -> torch.Tensor:
-    """DCKD forward KL(teacher ‖ student) over the K teacher tokens plus one rest bucket (specs/dckd_adpa.md §3).
+    """DCKD forward KL(teacher ‖ student) over the K teacher tokens plus one rest bucket
+    (docs/methods/dckd_adpa.md §3).
 
     Shapes: `student_logits [B, T, V]`, `teacher_ids [B, T, K]` int, `teacher_logprobs [B, T, K]` (natural log),
     `mask [B, T]`. `paper` (§3.3): no clamps, exact rest log-mass; equals the full-vocabulary KL when K = V.

@@ -1,9 +1,9 @@
 """`align-distill train adpa`: ADPA — SFT on the chosen response + the DPO teacher's advantage (against its
 reference) maximised on the student's own responses. ADPA+ is the same command started from a DCKD student with
-that student's rollouts (`configs/adpa_plus_pipeline.yaml`).
+that student's rollouts (`align_distill/configs/adpa/plus_pipeline.yaml`).
 
 Rows: `id`, `prompt`, `chosen` and the student responses' ids (`completion_ids` of the `rollout` job), read from
-`dataset_path` (a rollout or signals store, or a file); with `teacher_mode: cache` and no `dataset_path`, the
+`dataset_name` (a rollout or signals store, or a file); with `teacher_mode: cache` and no `dataset_name`, the
 signal store itself (the `signals` job keeps the rollout's columns). `preference_path` supplies `chosen` by row id
 when the response rows lack it.
 """
@@ -13,9 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from datasets import Value
 from trl import ModelConfig
 
-from align_distill.trainers.adpa import ADPAConfig
+from align_distill.data import load_dataset_for
+from align_distill.data import load_rows as load_file_rows
+from align_distill.data_gen import load_store
+from align_distill.data_gen.jobs.inputs import is_store
+from align_distill.models import load_tokenizer
+from align_distill.trainers.adpa import ADPAConfig, ADPATrainer
 
 from .common import DataArguments, train_student
 
@@ -25,10 +31,10 @@ DATA_FORMAT = None  # store rows (prompt, chosen, completion_ids), checked by th
 
 @dataclass
 class ADPADataArguments(DataArguments):
-    """`DataArguments` where `dataset_path` holds the student responses, plus `preference_path`.
+    """`DataArguments` where `dataset_name` holds the student responses, plus `preference_path`.
 
     Parameters:
-        dataset_path (`str`, *optional*):
+        dataset_name (`str`, *optional*):
             Student responses with their prompt and chosen: a `rollout` / `signals` store folder or a file with
             `id`, `prompt`, `chosen`, `completion_ids`. Default in cache mode: `signals_path`.
         preference_path (`str`, *optional*):
@@ -45,11 +51,6 @@ DATACLASSES = (ADPADataArguments, ADPAConfig, ModelConfig)
 
 def load_rows(path: str, split: str = "train") -> Any:
     """A store folder (rollout / signals) or a data file, as a `datasets.Dataset` with string ids."""
-    from datasets import Value
-
-    from align_distill.data import load_rows as load_file_rows
-    from align_distill.data_gen import load_store
-    from align_distill.data_gen.jobs.inputs import is_store
 
     rows = load_store(path) if is_store(path) else load_file_rows(path, split)
     if "id" not in rows.column_names:
@@ -59,7 +60,6 @@ def load_rows(path: str, split: str = "train") -> Any:
 
 def join_chosen(rows: Any, preference_path: str, split: str) -> Any:
     """`chosen` of each response row from the preference data, by row id (a missing id is an error naming it)."""
-    from align_distill.data import load_dataset_for
 
     preference = load_dataset_for(preference_path, "preference", split=split)
     chosen = dict(zip(preference["id"], preference["chosen"]))
@@ -74,79 +74,20 @@ def join_chosen(rows: Any, preference_path: str, split: str) -> Any:
 
 
 def main(data_args: ADPADataArguments, training_args: ADPAConfig, model_args: ModelConfig) -> dict:
-    from align_distill.models import load_tokenizer
-    from align_distill.trainers.adpa import ADPATrainer
 
-    path = data_args.dataset_path or (training_args.signals_path if training_args.teacher_mode == "cache" else None)
+    path = data_args.dataset_name or (training_args.signals_path if training_args.teacher_mode == "cache" else None)
     if not path:
-        raise SystemExit("align-distill train adpa: set dataset_path (the student rollout store) or signals_path")
-    train = load_rows(path, data_args.dataset_split)
+        raise SystemExit("align-distill train adpa: set dataset_name (the student rollout store) or signals_path")
+    train = load_rows(path, data_args.dataset_train_split)
     if data_args.preference_path:
-        train = join_chosen(train, data_args.preference_path, data_args.dataset_split)
-    evaluation = load_rows(data_args.eval_dataset_path) if data_args.eval_dataset_path else None
+        train = join_chosen(train, data_args.preference_path, data_args.dataset_train_split)
+    if data_args.eval_dataset_path:
+        evaluation = load_rows(data_args.eval_dataset_path)
+    elif data_args.dataset_test_split:
+        evaluation = load_rows(path, data_args.dataset_test_split)
+        if data_args.preference_path:
+            evaluation = join_chosen(evaluation, data_args.preference_path, data_args.dataset_test_split)
+    else:
+        evaluation = None
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
     return train_student(ADPATrainer, model_args, training_args, tokenizer, train, evaluation)
-
-
-# Quickstart settings (tiny models on a CPU).
-QUICKSTART: dict[str, Any] = {"max_steps": 60, "learning_rate": 1e-3, "adpa_weight": 1.6, "beta": 0.1}
-# Responses of the task are <= 11 tokens (EOS included): 16 new tokens leave room without paying for runaways.
-ROLLOUT: dict[str, Any] = {
-    "max_new_tokens": 16,
-    "temperature": 0.0,
-    "limit": 512,
-    "backend_kwargs": {"batch_size": 64},
-    "progress": False,
-}
-
-
-def adpa_stages(prefix: str, seed: int, student: str) -> list[Any]:
-    """Rollout of `student` on the pairs' prompts → DPO teacher + reference signals on it → ADPA from `student`."""
-    from align_distill.pipeline import Stage
-    from align_distill.quickstart import COMMON
-
-    return [
-        Stage(
-            f"{prefix}_rollout", "generate", "rollout", {"input": "${data}/pairs.jsonl", "model": student, **ROLLOUT}
-        ),
-        Stage(
-            f"{prefix}_signals",
-            "generate",
-            "signals",
-            {
-                "input": f"${{{prefix}_rollout}}",
-                "responses": ["completion"],
-                "teachers": [
-                    {"name": "dpo", "model": "${teacher_dpo}"},
-                    {"name": "ref", "model": "${teacher_sft}", "gather_at": "dpo"},
-                ],
-                "tokenizer": student,
-                "top_k": 50,
-                "progress": False,
-            },
-        ),
-        Stage(
-            f"{prefix}_student",
-            "train",
-            "adpa",
-            {
-                **COMMON,
-                "model_name_or_path": student,
-                "signals_path": f"${{{prefix}_signals}}",
-                **QUICKSTART,
-                "seed": seed,
-            },
-        ),
-    ]
-
-
-def quickstart_stages(seed: int) -> list[Any]:
-    """ADPA from the SFT student: its greedy rollout, teacher signals on it, ADPA (last stage: the ADPA student)."""
-    return adpa_stages("adpa", seed, "${student_sft}")
-
-
-def quickstart_stages_plus(seed: int) -> list[Any]:
-    """ADPA+: DCKD from the SFT student, then ADPA from the DCKD student on its own rollout (self-contained)."""
-    from .dckd import dckd_stages
-
-    return [*dckd_stages("adpa_plus_dckd", seed), *adpa_stages("adpa_plus", seed, "${adpa_plus_dckd_student}")]

@@ -10,9 +10,13 @@ import contextvars
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
+from trl import get_peft_config
+
+from align_distill.data import load_dataset_for
+from align_distill.errors import ConfigError
+from align_distill.models import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +37,44 @@ def training_callbacks(callbacks: list[Any]) -> Iterator[None]:
 
 @dataclass
 class DataArguments:
-    """Where the training data lives and how to treat rows that do not fit.
+    """Where the training data lives and how to treat rows that do not fit (TRL's `ScriptArguments` names).
 
     Parameters:
-        dataset_path (`str`):
-            A jsonl/json/parquet/csv file, a `datasets.save_to_disk` folder, or a hub dataset name (online only).
-        dataset_split (`str`, defaults to `"train"`):
+        dataset_name (`str`):
+            A jsonl/json/parquet/csv file, a `datasets.save_to_disk` folder, a data_gen store or a hub dataset name
+            (online only).
+        dataset_config (`str`, *optional*):
+            Configuration name of a hub dataset (`datasets.load_dataset(name, config)`); an error for local data.
+        dataset_train_split (`str`, defaults to `"train"`):
             Split to train on (folders and hub datasets with several splits).
+        dataset_test_split (`str`, *optional*):
+            Split of `dataset_name` to evaluate on.
         eval_dataset_path (`str`, *optional*):
-            Evaluation data in the same format.
+            Evaluation data from another file/folder, in the same format (its `train` split).
         length_policy (`str`, defaults to `"error"`):
             Rows longer than `max_length`: `error` (list them and stop), `truncate` (cut the response) or `drop`.
+
+    Deprecated keys (one release): `dataset_path` → `dataset_name`, `dataset_split` → `dataset_train_split`.
     """
 
-    dataset_path: str | None = field(
-        default=None, metadata={"help": "Training data: a file, a saved folder or a hub name."}
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "dataset_path": "dataset_name",
+        "dataset_split": "dataset_train_split",
+    }
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Training data: a file, a saved folder, a data_gen store or a hub name."}
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_dataset_path: str | None = field(default=None, metadata={"help": "Evaluation data in the same format."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Hub dataset configuration name (TRL's dataset_config)."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split of dataset_name to evaluate on (optional)."}
+    )
+    eval_dataset_path: str | None = field(
+        default=None, metadata={"help": "Evaluation data from another file or folder, in the same format."}
+    )
     length_policy: str = field(
         default="error",
         metadata={
@@ -59,29 +83,34 @@ class DataArguments:
         },
     )
 
-
-def default_precision(config: Any) -> None:
-    """Resolve `bf16=None` to bf16 only where it helps (a CUDA device that supports it), not TRL's "always".
-
-    On CPU bf16 autocast is slower than fp32 and changes results, so a recipe that says nothing trains in fp32.
-    """
-    if getattr(config, "bf16", None) is None:
-        config.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not getattr(
-            config, "fp16", False
-        )
+    def __post_init__(self) -> None:
+        if self.dataset_test_split is not None and self.eval_dataset_path is not None:
+            raise ConfigError(
+                "DataArguments: set either `dataset_test_split` (a split of dataset_name) or `eval_dataset_path` "
+                "(another file), not both"
+            )
 
 
 def require_dataset(data_args: DataArguments, method: str) -> str:
-    if not data_args.dataset_path:
-        raise SystemExit(f"align-distill train {method}: set dataset_path (in the YAML config or --dataset_path)")
-    return data_args.dataset_path
+    if not data_args.dataset_name:
+        raise SystemExit(f"align-distill train {method}: set dataset_name (in the YAML config or --dataset_name)")
+    return data_args.dataset_name
+
+
+def evaluation_source(data_args: DataArguments) -> tuple[str, str] | None:
+    """(path, split) of the evaluation data: `eval_dataset_path` (its train split) or `dataset_name` at
+    `dataset_test_split`; None without either."""
+    if data_args.eval_dataset_path:
+        return data_args.eval_dataset_path, "train"
+    if data_args.dataset_test_split:
+        return data_args.dataset_name, data_args.dataset_test_split
+    return None
 
 
 def load_method_dataset(
     data_args: DataArguments, format: str, tokenizer: Any, max_length: int | None, columns: tuple[str, ...]
 ) -> tuple[Any, Any | None]:
     """Validate and load train (and eval) data in `format`, keeping only `columns` for the trainer."""
-    from align_distill.data import load_dataset_for
 
     def load(path: str, split: str):
         dataset = load_dataset_for(
@@ -91,18 +120,19 @@ def load_method_dataset(
             tokenizer=tokenizer,
             max_length=max_length,
             length_policy=data_args.length_policy,
+            config=data_args.dataset_config,
         )
         return dataset.select_columns([c for c in columns if c in dataset.column_names])
 
-    train = load(data_args.dataset_path, data_args.dataset_split)
-    evaluation = load(data_args.eval_dataset_path, "train") if data_args.eval_dataset_path else None
-    logger.info("loaded %d training rows from %s", len(train), data_args.dataset_path)
+    train = load(data_args.dataset_name, data_args.dataset_train_split)
+    source = evaluation_source(data_args)
+    evaluation = load(*source) if source else None
+    logger.info("loaded %d training rows from %s", len(train), data_args.dataset_name)
     return train, evaluation
 
 
 def peft_config_from(model_args: Any):
     """TRL's LoRA config from ModelConfig (`use_peft`, `lora_r`, ...), or None."""
-    from trl import get_peft_config
 
     return get_peft_config(model_args)
 
@@ -114,7 +144,6 @@ def train_student(
 
     Every method's script ends the same way; only the trainer class and the data differ.
     """
-    from align_distill.models import load_model
 
     model = load_model(
         model_args.model_name_or_path,

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import DPOConfig, ModelConfig
+from trl import DPOConfig, DPOTrainer, ModelConfig
+
+from align_distill.models import load_tokenizer
+from align_distill.trainers.common import default_precision
 
 from .common import (
     DataArguments,
-    default_precision,
     load_method_dataset,
     require_dataset,
     train_student,
@@ -47,9 +49,6 @@ def swap_chosen_rejected(row: dict) -> dict:
 
 
 def main(data_args: DataArguments, training_args: AlignDistillDPOConfig, model_args: ModelConfig) -> dict:
-    from trl import DPOTrainer
-
-    from align_distill.models import load_tokenizer
 
     require_dataset(data_args, "dpo")
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)

@@ -1,4 +1,4 @@
-"""`align-distill train mod`: LLaVA-MoD (specs/llava_mod.md), one method with a `stage` field.
+"""`align-distill train mod`: LLaVA-MoD (docs/methods/llava_mod.md), one method with a `stage` field.
 
     stage: d2d   mimic, dense → dense: KL(teacher ‖ student), whole LM + projector trained     (completion data)
     stage: d2s   upcycle the dense student to a sparse MoE (unless it is one), then mimic with
@@ -16,15 +16,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from transformers import TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    TrainingArguments,
+)
 from trl import ModelConfig
+
+from align_distill.data_gen import load_signals
+from align_distill.errors import ConfigError
+from align_distill.models import check_tokenizer_compatibility, load_model, load_tokenizer
+from align_distill.models.moe import moe_parameter_counts, parameter_numel, upcycle_to_moe
+from align_distill.synthetic.visual import load_visual_dataset
+from align_distill.trainers.common import default_precision
+from align_distill.trainers.mod_mimic import MoDMimicConfig, MoDMimicTrainer, moe_routers
+from align_distill.trainers.mod_preference import MoDPreferenceConfig, MoDPreferenceTrainer, teacher_logps_from_signals
+from align_distill.vocabulary import reject_ignored_fields
 
 from .common import (
     DataArguments,
-    default_precision,
     load_method_dataset,
     peft_config_from,
     require_dataset,
@@ -48,22 +62,37 @@ class MoDArguments:
             `d2d`, `d2s` or `pd` (see the module docstring).
         teacher_model_name_or_path (`str`, *optional*):
             The frozen dense teacher (same tokenizer/processor as the student). Optional only with a signal cache.
-        teacher_signals_path (`str`, *optional*):
+        signals_path (`str`, *optional*):
             A `signals` store (`align-distill generate signals`) on this data: top-k teacher log-probs for d2d/d2s
             (`topk_kd_loss`), summed teacher log-probs for pd. Used when no teacher model is given.
-        num_experts (`int`, defaults to `4`), top_k (`int`, defaults to `2`), moe_every (`int`, defaults to `2`):
+        teacher_name (`str`, *optional*):
+            Which teacher of the signal cache to use; `None` = its first teacher.
+        num_experts (`int`, defaults to `4`), num_experts_per_tok (`int`, defaults to `2`),
+        moe_every (`int`, defaults to `2`):
             Upcycling in `d2s`: E experts, top-k routing, MoE on layers 0, every, 2·every, …
         upcycle_seed (`int`, defaults to `0`):
             Seed of the routers' initialisation.
+
+    Deprecated keys (one release): `teacher_signals_path` → `signals_path`, `signals_teacher` → `teacher_name`,
+    `top_k` → `num_experts_per_tok`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "teacher_signals_path": "signals_path",
+        "signals_teacher": "teacher_name",
+        "top_k": "num_experts_per_tok",
+    }
 
     stage: str = field(default="d2d", metadata={"help": "d2d | d2s | pd.", "choices": ["d2d", "d2s", "pd"]})
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The frozen dense teacher."})
-    teacher_signals_path: str | None = field(
+    signals_path: str | None = field(
         default=None, metadata={"help": "Teacher-signal cache (used when no teacher model is given)."}
     )
+    teacher_name: str | None = field(
+        default=None, metadata={"help": "Teacher name in the signal cache (None: its first teacher)."}
+    )
     num_experts: int = field(default=4, metadata={"help": "Experts per MoE layer (d2s upcycling)."})
-    top_k: int = field(default=2, metadata={"help": "Experts per token (d2s upcycling)."})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "Experts per token (d2s upcycling)."})
     moe_every: int = field(default=2, metadata={"help": "MoE on every n-th decoder layer from 0 (d2s upcycling)."})
     upcycle_seed: int = field(default=0, metadata={"help": "Router initialisation seed (d2s upcycling)."})
 
@@ -83,8 +112,8 @@ class MoDTrainingConfig(TrainingArguments):
 
     > Mimic stages (d2d, d2s)
 
-    kd_coef (`float`, defaults to `1.0`), ce_coef (`float`, *optional*: 0 for d2d, 1 for d2s),
-    kd_chunk_size (`int`, *optional*), topk_mode (`str`, defaults to `"paper"`): see `MoDMimicConfig`.
+    kd_weight (`float`, defaults to `1.0`), sft_weight (`float`, *optional*: 0 for d2d, 1 for d2s),
+    loss_chunk_size (`int`, *optional*), loss_mode (`str`, defaults to `"paper"`): see `MoDMimicConfig`.
 
     > Preference stage (pd)
 
@@ -94,18 +123,38 @@ class MoDTrainingConfig(TrainingArguments):
 
     > Both
 
-    aux_loss_coef (`float`, defaults to `0.01`), balancing_convention (`str`, defaults to `"deepspeed"`).
+    aux_loss_weight (`float`, defaults to `0.01`), balancing_convention (`str`, defaults to `"deepspeed"`).
 
-    Changed defaults from `TrainingArguments`: learning_rate 2e-5 (the spec's mimic rate; set 2e-6 for pd),
+    Changed defaults from `TrainingArguments`: learning_rate 2e-5 (the method page's mimic rate; set 2e-6 for pd),
     `bf16=None` (bf16 only on a CUDA device that supports it), `lr_scheduler_type="cosine"`, `warmup_ratio=0.03`,
     `remove_unused_columns=False`, `report_to="none"`.
+
+    A stage's fields set in another stage (e.g. `beta` in d2d, `kd_weight` in pd) are rejected, as is
+    `label_smoothing_factor` (every stage computes its own loss). Deprecated keys (one release): `kd_coef` →
+    `kd_weight`, `ce_coef` → `sft_weight`, `aux_loss_coef` → `aux_loss_weight`, `kd_chunk_size` → `loss_chunk_size`,
+    `topk_mode` → `loss_mode` (same values, paper | official).
     """
 
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "kd_coef": "kd_weight",
+        "ce_coef": "sft_weight",
+        "aux_loss_coef": "aux_loss_weight",
+        "kd_chunk_size": "loss_chunk_size",
+        "topk_mode": "loss_mode",
+    }
+    ignored_fields: ClassVar[dict[str, str]] = {
+        "label_smoothing_factor": "every stage computes its own loss, without the Trainer's label smoother",
+    }
+    method_label: ClassVar[str] = "LLaVA-MoD"
+    # the fields below that only one kind of stage reads
+    mimic_fields: ClassVar[tuple[str, ...]] = ("kd_weight", "sft_weight", "loss_chunk_size", "loss_mode")
+    preference_fields: ClassVar[tuple[str, ...]] = ("beta", "loss_type", "precompute_ref_log_probs", "trainable")
+
     max_length: int | None = field(default=1024, metadata={"help": "Maximum tokens per sequence."})
-    kd_coef: float = field(default=1.0, metadata={"help": "Mimic: weight of KL(teacher ‖ student)."})
-    ce_coef: float | None = field(default=None, metadata={"help": "Mimic: weight of the CE (None: 0 d2d, 1 d2s)."})
-    kd_chunk_size: int | None = field(default=None, metadata={"help": "Mimic: positions per chunk of the KL."})
-    topk_mode: str = field(
+    kd_weight: float = field(default=1.0, metadata={"help": "Mimic: weight of KL(teacher ‖ student)."})
+    sft_weight: float | None = field(default=None, metadata={"help": "Mimic: weight of the CE (None: 0 d2d, 1 d2s)."})
+    loss_chunk_size: int | None = field(default=None, metadata={"help": "Mimic: positions per chunk of the KL."})
+    loss_mode: str = field(
         default="paper", metadata={"help": "Mimic from a cache: paper | official.", "choices": ["paper", "official"]}
     )
     beta: float = field(default=0.1, metadata={"help": "pd: β of the preference loss."})
@@ -118,12 +167,12 @@ class MoDTrainingConfig(TrainingArguments):
     trainable: str = field(
         default="auto", metadata={"help": "pd: trainable set auto | d2s | all.", "choices": ["auto", "d2s", "all"]}
     )
-    aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     balancing_convention: str = field(
         default="deepspeed",
-        metadata={"help": "deepspeed (spec) | transformers.", "choices": ["deepspeed", "transformers"]},
+        metadata={"help": "deepspeed (method doc) | transformers.", "choices": ["deepspeed", "transformers"]},
     )
-    learning_rate: float = field(default=2e-5, metadata={"help": "Initial learning rate (spec: 2e-5 mimic, 2e-6 pd)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate (paper: 2e-5 mimic, 2e-6 pd)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 (None: only on a CUDA device that supports it)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Warm-up fraction of the steps."})
@@ -133,13 +182,23 @@ class MoDTrainingConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         default_precision(self)
+        reject_ignored_fields(self)  # the values as given, before TRL resolves them
         super().__post_init__()
 
     def stage_config(self, stage: str) -> Any:
-        """The trainer config of `stage`: every `TrainingArguments` field plus the fields that stage knows."""
-        from align_distill.trainers.mod_mimic import MoDMimicConfig
-        from align_distill.trainers.mod_preference import MoDPreferenceConfig
+        """The trainer config of `stage`: every `TrainingArguments` field plus the fields that stage knows. A field
+        of the other kind of stage set to a non-default value is a `ConfigError`."""
 
+        other = self.mimic_fields if stage == "pd" else self.preference_fields
+        defaults = {f.name: f.default for f in dataclasses.fields(type(self)) if f.name in other}
+        unused = [name for name in other if getattr(self, name) != defaults[name]]
+        if unused:
+            kind = "the mimic stages (d2d, d2s)" if stage == "pd" else "the preference stage (pd)"
+            raise ConfigError(
+                f"MoDTrainingConfig: {', '.join(f'`{n}`' for n in unused)} only "
+                f"{'acts' if len(unused) == 1 else 'act'} in {kind}, not in stage {stage}; remove "
+                f"{'it' if len(unused) == 1 else 'them'}"
+            )
         target = MoDPreferenceConfig if stage == "pd" else MoDMimicConfig
         known = {f.name for f in dataclasses.fields(target) if f.init}
         values = {
@@ -161,15 +220,11 @@ DATACLASSES = (DataArguments, MoDArguments, MoDTrainingConfig, ModelConfig)
 
 
 def is_vision_model(path: str) -> bool:
-    from transformers import AutoConfig
 
     return hasattr(AutoConfig.from_pretrained(path), "vision_config")
 
 
 def _load(path: str, dtype: str, vision: bool, frozen: bool = False, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from align_distill.models import load_model
 
     model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     return load_model(path, dtype=dtype, frozen=frozen, model_class=model_class, trust_remote_code=trust_remote_code)
@@ -178,9 +233,9 @@ def _load(path: str, dtype: str, vision: bool, frozen: bool = False, trust_remot
 def _datasets(data_args: DataArguments, stage: str, processing: Any, vision: bool, max_length: int | None):
     fmt = STAGE_FORMATS[stage]
     if vision:
-        from align_distill.synthetic.visual import load_visual_dataset
-
-        train = load_visual_dataset(data_args.dataset_path, fmt)
+        if data_args.dataset_train_split != "train" or data_args.dataset_test_split:
+            raise ConfigError("align-distill train mod: vision data is read from files (no dataset splits)")
+        train = load_visual_dataset(data_args.dataset_name, fmt)
         evaluation = load_visual_dataset(data_args.eval_dataset_path, fmt) if data_args.eval_dataset_path else None
         return train, evaluation
     columns = ("id", "prompt", "completion") if fmt == "completion" else ("id", "prompt", "chosen", "rejected")
@@ -191,10 +246,6 @@ def build_trainer(
     data_args: DataArguments, mod_args: MoDArguments, training_args: MoDTrainingConfig, model_args: ModelConfig
 ):
     """Load student, teacher (or signals) and data for `mod_args.stage` and return the ready trainer."""
-    from align_distill.models import load_tokenizer
-    from align_distill.models.moe import moe_parameter_counts, upcycle_to_moe
-    from align_distill.trainers.mod_mimic import MoDMimicTrainer, moe_routers
-    from align_distill.trainers.mod_preference import MoDPreferenceTrainer, teacher_logps_from_signals
 
     stage = mod_args.stage
     require_dataset(data_args, f"mod (stage {stage})")
@@ -206,14 +257,12 @@ def build_trainer(
             "that upcycling creates, routers and projector, which must be saved in full). Train d2d/d2s in full and "
             "use LoRA for the preference stage."
         )
-    if not mod_args.teacher_model_name_or_path and not mod_args.teacher_signals_path:
-        raise SystemExit("align-distill train mod: set teacher_model_name_or_path or teacher_signals_path")
+    if not mod_args.teacher_model_name_or_path and not mod_args.signals_path:
+        raise SystemExit("align-distill train mod: set teacher_model_name_or_path or signals_path")
     student_path = model_args.model_name_or_path
     vision = is_vision_model(student_path)
     trust = training_args.trust_remote_code
     if vision:
-        from transformers import AutoProcessor
-
         processing = AutoProcessor.from_pretrained(student_path)
     else:
         processing = load_tokenizer(student_path, trust_remote_code=trust)
@@ -225,9 +274,9 @@ def build_trainer(
         student = upcycle_to_moe(
             student,
             num_experts=mod_args.num_experts,
-            top_k=mod_args.top_k,
+            top_k=mod_args.num_experts_per_tok,
             every=mod_args.moe_every,
-            router_aux_loss_coef=training_args.aux_loss_coef,
+            router_aux_loss_coef=training_args.aux_loss_weight,
             seed=mod_args.upcycle_seed,
         )
         logger.info("upcycled the dense student: %s", moe_parameter_counts(student))
@@ -235,35 +284,30 @@ def build_trainer(
     if mod_args.teacher_model_name_or_path:
         teacher = _load(mod_args.teacher_model_name_or_path, dtype, vision, frozen=True, trust_remote_code=trust)
         if not vision:
-            from align_distill.models import check_tokenizer_compatibility
-
             check_tokenizer_compatibility(
                 processing, load_tokenizer(mod_args.teacher_model_name_or_path, trust_remote_code=trust)
             )
 
     config = training_args.stage_config(stage)
+    if stage != "pd":
+        config.teacher_name = mod_args.teacher_name
     common = {"args": config, "train_dataset": train, "eval_dataset": evaluation, "processing_class": processing}
     if stage == "pd":
         if teacher is None:
-            from align_distill.data_gen import load_signals
-
-            signals = load_signals(mod_args.teacher_signals_path)
-            common["train_dataset"] = teacher_logps_from_signals(train, signals)
+            signals = load_signals(mod_args.signals_path)
+            common["train_dataset"] = teacher_logps_from_signals(train, signals, mod_args.teacher_name)
             if evaluation is not None:
-                common["eval_dataset"] = teacher_logps_from_signals(evaluation, signals)
+                common["eval_dataset"] = teacher_logps_from_signals(evaluation, signals, mod_args.teacher_name)
         return MoDPreferenceTrainer(model=student, teacher_model=teacher, peft_config=peft_config, **common)
     signals = None
     if teacher is None:
-        from align_distill.data_gen import load_signals
-
-        signals = load_signals(mod_args.teacher_signals_path)
+        signals = load_signals(mod_args.signals_path)
     return MoDMimicTrainer(model=student, teacher_model=teacher, teacher_signals=signals, **common)
 
 
 def main(
     data_args: DataArguments, mod_args: MoDArguments, training_args: MoDTrainingConfig, model_args: ModelConfig
 ) -> dict:
-    from align_distill.models.moe import moe_parameter_counts, parameter_numel
 
     trainer = build_trainer(data_args, mod_args, training_args, model_args)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -278,136 +322,3 @@ def main(
         trainable_parameters=sum(parameter_numel(p) for p in model.parameters() if p.requires_grad),
     )
     return metrics
-
-
-# ---------------------------------------------------------------- quickstart
-
-
-def quickstart_stages(seed: int) -> list:
-    """LLaVA-MoD on the text task: d2d from `${student_sft}` with teacher `${teacher_dpo}`, upcycle + d2s, then pd
-    with `${teacher_dpo}` as the reference on the preference pairs. The last stage is the student to evaluate."""
-    from align_distill.pipeline import Stage
-    from align_distill.quickstart import COMMON
-
-    teacher = "${teacher_dpo}"
-    mimic = {"dataset_path": "${data}/sft.jsonl", "teacher_model_name_or_path": teacher, "seed": seed}
-    return [
-        Stage(
-            "mod_d2d",
-            "train",
-            "mod",
-            {
-                **COMMON,
-                **mimic,
-                "stage": "d2d",
-                "model_name_or_path": "${student_sft}",
-                "max_steps": 40,
-                "learning_rate": 1e-3,
-            },
-        ),
-        Stage(
-            "mod_d2s",
-            "train",
-            "mod",
-            {
-                **COMMON,
-                **mimic,
-                "stage": "d2s",
-                "model_name_or_path": "${mod_d2d}",
-                "max_steps": 40,
-                "learning_rate": 1e-3,
-            },
-        ),
-        Stage(
-            "mod_pd",
-            "train",
-            "mod",
-            {
-                **COMMON,
-                "stage": "pd",
-                "model_name_or_path": "${mod_d2s}",
-                "teacher_model_name_or_path": teacher,
-                "dataset_path": "${data}/pairs.jsonl",
-                "max_steps": 60,
-                "learning_rate": 5e-5,
-                "beta": 0.1,
-                "precompute_ref_log_probs": True,
-                "seed": seed,
-            },
-        ),
-    ]
-
-
-# ---------------------------------------- the tiny vision example (configs/mod_vision_tiny.yaml)
-# `call` stages that prepare the LLaVA teacher (TRL's own SFT / DPO trainers on the coloured-shapes task, which TRL
-# supports for vision-language models) and score models with `evaluate_visual`.
-
-_VISION_DEFAULTS: dict[str, Any] = {
-    "bf16": False,
-    "report_to": "none",
-    "save_strategy": "no",
-    "max_length": 128,
-    "dataloader_pin_memory": False,
-    "remove_unused_columns": False,
-}
-
-
-def vision_sft(out: str, model_name_or_path: str, dataset_path: str, **training: Any) -> dict:
-    """TRL SFT of a LLaVA folder on vision prompt/completion data (JSONL + images); saves model + processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import SFTConfig, SFTTrainer
-
-    from align_distill.synthetic.visual import load_visual_dataset
-
-    processor = AutoProcessor.from_pretrained(model_name_or_path)
-    trainer = SFTTrainer(
-        model=AutoModelForImageTextToText.from_pretrained(model_name_or_path),
-        args=SFTConfig(output_dir=str(out), **{**_VISION_DEFAULTS, **training}),
-        train_dataset=load_visual_dataset(dataset_path, "completion"),
-        processing_class=processor,
-    )
-    result = trainer.train()
-    save_final(trainer, processor, str(out))
-    return dict(result.metrics)
-
-
-def vision_dpo(out: str, model_name_or_path: str, dataset_path: str, **training: Any) -> dict:
-    """TRL DPO (the model's own initialisation as reference) of a LLaVA folder on vision preference data."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import DPOConfig, DPOTrainer
-
-    from align_distill.synthetic.visual import load_visual_dataset
-
-    processor = AutoProcessor.from_pretrained(model_name_or_path)
-    trainer = DPOTrainer(
-        model=AutoModelForImageTextToText.from_pretrained(model_name_or_path),
-        ref_model=AutoModelForImageTextToText.from_pretrained(model_name_or_path),
-        args=DPOConfig(output_dir=str(out), **{**_VISION_DEFAULTS, **training}),
-        train_dataset=load_visual_dataset(dataset_path, "preference"),
-        processing_class=processor,
-    )
-    result = trainer.train()
-    save_final(trainer, processor, str(out))
-    return dict(result.metrics)
-
-
-def evaluate_vision(out: str, models: dict[str, str], n: int = 200, seed: int = 10_000) -> dict[str, dict]:
-    """Greedy coloured-shapes reward of every model (LLaVA folders); prints a table and writes `eval.json`."""
-    import json
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from align_distill.synthetic.visual import evaluate_visual
-
-    results = {}
-    for name, path in models.items():
-        model = AutoModelForImageTextToText.from_pretrained(path)
-        results[name] = evaluate_visual(model, AutoProcessor.from_pretrained(path), n=n, seed=seed).as_dict()
-        row = results[name]
-        print(
-            f"  {name:16s} reward {row['reward']:.3f}  capability {row['capability']:.3f}  "
-            f"preference {row['preference']:.3f}",
-            flush=True,
-        )
-    (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
-    return results

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trl import ModelConfig, SFTConfig
+from trl import ModelConfig, SFTConfig, SFTTrainer
+
+from align_distill.models import load_tokenizer
+from align_distill.trainers.common import default_precision
 
 from .common import (
     DataArguments,
-    default_precision,
     load_method_dataset,
     require_dataset,
     train_student,
@@ -35,9 +37,6 @@ DATACLASSES = (DataArguments, AlignDistillSFTConfig, ModelConfig)
 
 
 def main(data_args: DataArguments, training_args: AlignDistillSFTConfig, model_args: ModelConfig) -> dict:
-    from trl import SFTTrainer
-
-    from align_distill.models import load_tokenizer
 
     require_dataset(data_args, "sft")
     tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align_distill.models.loading import DTYPES, check_output_folder, write_model_folder
 
@@ -39,7 +41,7 @@ def find_gguf_file(gguf_path: str | os.PathLike) -> Path:
 
 def _require_gguf_package() -> None:
     try:
-        import gguf  # noqa: F401
+        import gguf  # noqa: F401  # optional extra `gguf`: probed, not required
     except ImportError as error:
         raise ImportError(
             "reading GGUF files needs the `gguf` package, which is not installed; "
@@ -59,7 +61,6 @@ def import_gguf(
     the written folder is reloaded without GGUF and its logits on a short input must equal the GGUF model's.
     The folder appears only when everything succeeded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
@@ -118,7 +119,6 @@ def _restore_control_tokens(tokenizer) -> None:
 
 def _smollm_pre_tokenizer():
     """SmolLM/SmolLM2's tokenizer.json: every digit on its own, then GPT-2 byte-level splitting."""
-    from tokenizers import pre_tokenizers
 
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -131,7 +131,7 @@ PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
 
 
 def _gguf_string(gguf_file: Path, key: str) -> str | None:
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # optional extra `gguf`: only when importing a GGUF file
 
     field = GGUFReader(gguf_file).get_field(key)
     return None if field is None else str(field.contents())
@@ -145,7 +145,6 @@ def _restore_pre_tokenizer(tokenizer, gguf_file: Path) -> None:
 
 def _verify(reference: torch.nn.Module, folder: Path, tokenizer, gguf_file: Path) -> None:
     """Catch a silent conversion error (a lost tied head, a misnamed tensor) before the folder is published."""
-    from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=reference.dtype, use_safetensors=True).eval()
     ids = tokenizer("The answer is", return_tensors="pt")["input_ids"][:, :16]

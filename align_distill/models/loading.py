@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -66,7 +68,6 @@ class LoraSettings:
 
     def to_peft_config(self):
         """The equivalent `peft.LoraConfig` (bias off, as in TRL's `get_peft_config`)."""
-        from peft import LoraConfig
 
         return LoraConfig(
             r=self.r,
@@ -112,7 +113,6 @@ def resolve_source(path: str | os.PathLike, revision: str | None = None, what: s
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
 
     try:
         found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
@@ -194,8 +194,6 @@ def load_model(
     model = model_class.from_pretrained(source, **kwargs)
 
     if peft_config is not None:
-        from peft import get_peft_model
-
         if isinstance(peft_config, LoraSettings):
             peft_config = peft_config.to_peft_config()
         model = get_peft_model(model, peft_config)

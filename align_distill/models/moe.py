@@ -1,4 +1,4 @@
-"""Dense → sparse MoE upcycling for LLaVA-MoD's D2S stage (specs/llava_mod.md §3).
+"""Dense → sparse MoE upcycling for LLaVA-MoD's D2S stage (docs/methods/llava_mod.md §3).
 
 `upcycle_to_moe` turns a dense Llama / Qwen2 causal LM into a **Qwen2-MoE** (`Qwen2MoeForCausalLM`) whose MoE
 layers (every `every`-th decoder layer from layer 0) hold `num_experts` copies of that layer's dense FFN behind a
@@ -10,14 +10,14 @@ bias-free router; the other layers keep their dense FFN. Why Qwen2-MoE (transfor
 - its attention is Llama's (RoPE, GQA, no q/k norms; q/k/v biases, which a Llama gets as zeros) — Qwen3-MoE's
   q/k RMSNorms rescale every head and cannot be made the identity, and Mixtral has no dense layers;
 - `norm_topk_prob=True` renormalises the top-k gate weights to sum to 1, so identical experts give exactly the
-  dense FFN (spec §3.1 step 6): logits equal the dense model's right after upcycling;
+  dense FFN (docs/methods/llava_mod.md §3.1 step 6): logits equal the dense model's right after upcycling;
 - its shared expert cannot be switched off in a way vLLM loads (a 0-wide one leaves 0-size tensors in the
   checkpoint that vLLM rejects), so it is 1 unit wide with all-zero weights: its output is exactly 0 and all its
   gradients are 0, so training leaves it at 0 (cost: 4·d parameters per MoE layer).
 
-Differences from the official DeepSpeed gate (spec §3.1), by design of the transformers architecture: the second
+Differences from the official DeepSpeed gate (llava_mod §3.1), by design of the transformers architecture: the second
 expert is the deterministic top-2 (no Gumbel sampling) and there is no capacity limit or token dropping. The model's
-own `aux_loss` follows transformers' convention; `align_distill.losses.moe_balancing_loss` gives the spec's.
+own `aux_loss` follows transformers' convention; `align_distill.losses.moe_balancing_loss` gives the method page's.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def moe_config_from_dense(
 
 
 def _router_init(num_experts: int, hidden_size: int, generator: torch.Generator) -> torch.Tensor:
-    """PyTorch's default nn.Linear init, as DeepSpeed's fresh `wg`: uniform in ±1/√d (spec §3 router row)."""
+    """PyTorch's default nn.Linear init, as DeepSpeed's fresh `wg`: uniform in ±1/√d (llava_mod §3 router row)."""
     bound = 1.0 / math.sqrt(hidden_size)
     return (torch.rand(num_experts, hidden_size, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
@@ -215,7 +215,7 @@ def moe_parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def d2s_parameter_names(model: nn.Module) -> list[str]:
-    """Parameters LLaVA-MoD trains in the dense→sparse (D2S) and preference stages (spec §3.3).
+    """Parameters LLaVA-MoD trains in the dense→sparse (D2S) and preference stages (docs/methods/llava_mod.md §3.3).
 
     Every decoder layer's FFN of the language model — dense FFNs, experts and routers — plus, in a
     vision-language model, the multimodal projector (`multi_modal_projector` / `mm_projector`). Attention,

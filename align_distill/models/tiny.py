@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from align_distill.synthetic import task_corpus
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -143,8 +145,6 @@ def make_tiny_models(
     Without a corpus, the synthetic task's corpus is used so the vocabulary fits the quickstart's data.
     """
     if corpus is None:
-        from align_distill.synthetic import task_corpus
-
         corpus = task_corpus()
     out = Path(out_dir)
     tokenizer = train_tiny_tokenizer(corpus)

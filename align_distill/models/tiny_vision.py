@@ -23,6 +23,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from align_distill.synthetic.visual import visual_corpus
+
 from .tiny import tiny_text_config, train_tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -106,7 +108,6 @@ def make_tiny_llava_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path
 
     The corpus is the coloured-shapes task's, so the vocabulary fits its data.
     """
-    from align_distill.synthetic.visual import visual_corpus
 
     out = Path(out_dir)
     tokenizer = train_tiny_vision_tokenizer(visual_corpus())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from datasets import Dataset
 from PIL import Image, ImageDraw
 
 from .task import BLUNT, POLITE, Reward
@@ -174,7 +176,6 @@ def load_visual_dataset(path: str | Path, format: str):
     columns of `format` (`completion`: prompt, completion; `preference`: prompt, chosen, rejected), plain strings
     or conversational messages with string content. An `id` is kept, or made from the row number.
     """
-    from datasets import Dataset
 
     if format not in REQUIRED:
         raise ValueError(f"load_visual_dataset: format must be one of {sorted(REQUIRED)}, got {format!r}")
@@ -227,7 +228,6 @@ def generate_visual_responses(
     model: Any, processor: Any, items: list[Scene], max_new_tokens: int = 8, batch_size: int = 32
 ) -> list[str]:
     """Greedy answers to each scene's question about its image (one user turn with the image first)."""
-    import torch
 
     was_training = model.training
     model.eval()

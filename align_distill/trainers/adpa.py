@@ -1,4 +1,4 @@
-"""ADPA: advantage-guided distillation from a DPO teacher and its reference (specs/dckd_adpa.md §4).
+"""ADPA: advantage-guided distillation from a DPO teacher and its reference (docs/methods/dckd_adpa.md §4).
 
     L = sft_weight · NLL(dataset chosen) + adpa_weight · L_ADPA(student responses)
     L_ADPA = −mean_t Σ_a π_θ(a | s_t) · A(s_t, a),   A = β · (ln π_dpo − ln π_ref)  (`paper`; `official`: §4.2-4.3)
@@ -15,16 +15,19 @@ data_gen's transformers backend. ADPA+ is this trainer started from a DCKD stude
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from align_distill.data_gen.tokens import encode_prompt, encode_prompt_response
+from align_distill.data.tokens import encode_prompt, encode_prompt_response
+from align_distill.data_gen.backends import SamplingParams
+from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 from align_distill.losses import adpa_advantages, adpa_loss, masked_mean
 
-from .dckd import SignalsCollator, TeacherPairConfig, TeacherPairTrainer, load_teacher
 from .signals import BatchSignals, TeacherSignalReader, live_signals
+from .teacher import SignalsCollator, TeacherPairConfig, TeacherPairTrainer, load_teacher
 
 
 @dataclass
@@ -49,21 +52,43 @@ class ADPAConfig(TeacherPairConfig):
         rollout_steps (`int`, *optional*, defaults to `0`):
             0: the responses are fixed (the paper). N > 0: the batches of every N-th optimizer step get fresh
             responses from the current student (needs `teacher_mode="live"`).
-        rollout_temperature (`float`, *optional*, defaults to `0.0`):
+        temperature (`float`, *optional*, defaults to `0.0`):
             Sampling temperature of regenerated responses (0 = greedy, as the initial rollout).
-        rollout_max_new_tokens (`int`, *optional*, defaults to `128`):
-            Length limit of regenerated responses.
+        max_completion_length (`int`, *optional*, defaults to `128`):
+            Length limit of regenerated responses, in tokens.
 
         > Parameters that control the loss
 
         adpa_weight (`float`, *optional*, defaults to `1.6`):
             γ, the weight of the advantage term (1.6 in the official recipe, tuned for `official` mode).
         beta (`float`, *optional*, defaults to `0.1`):
-            `paper` mode: the DPO teacher's β in A = β·(ln π_dpo − ln π_ref). Set it to the β the teacher was trained
-            with. `official` mode has no β.
+            β of the advantage A = β·(ln π_teacher − ln π_reference) (`paper` mode; not DPO's β against a reference
+            model: there is none). Set it to the β the DPO teacher was trained with. `official` mode has no β.
 
-    Changed defaults as `TeacherPairConfig`.
+    Changed defaults as `TeacherPairConfig`. ADPA's own collator and tokenization (prompt + chosen by TRL's rule, the
+    student responses as given) make `truncation_mode`, `padding_free`, `pad_to_multiple_of` and
+    `dataset_num_proc` no-ops: they are rejected when set.
+
+    Deprecated keys (one release): `rollout_temperature` → `temperature`, `rollout_max_new_tokens` →
+    `max_completion_length`, `top_k` → `signals_top_k`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "rollout_temperature": "temperature",
+        "rollout_max_new_tokens": "max_completion_length",
+    }
+    ignored_fields: ClassVar[dict[str, str]] = {
+        "truncation_mode": "ADPA's collator keeps the start of each sequence",
+        "padding_free": "ADPA's collator pads the chosen and response rows itself",
+        "pad_to_multiple_of": "ADPA's collator pads the chosen and response rows itself",
+        "dataset_num_proc": "ADPA tokenizes its rows in one process",
+    }
+    method_label: ClassVar[str] = "ADPA"
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "β of the advantage β·(ln π_teacher − ln π_reference) (paper mode; official has none)."},
+    )
 
     reference_name: str = field(default="ref", metadata={"help": "Name of the reference's signals in the cache."})
     reference_model_name_or_path: str | None = field(
@@ -75,8 +100,8 @@ class ADPAConfig(TeacherPairConfig):
     rollout_steps: int = field(
         default=0, metadata={"help": "0: fixed responses (paper); N: regenerate every N-th step (live teachers)."}
     )
-    rollout_temperature: float = field(default=0.0, metadata={"help": "Temperature of regenerated responses."})
-    rollout_max_new_tokens: int = field(default=128, metadata={"help": "Length limit of regenerated responses."})
+    temperature: float = field(default=0.0, metadata={"help": "Temperature of regenerated responses (0 = greedy)."})
+    max_completion_length: int = field(default=128, metadata={"help": "Length limit of regenerated responses."})
     adpa_weight: float = field(default=1.6, metadata={"help": "γ, the weight of the advantage term."})
 
     live_fields = ("teacher_model_name_or_path", "reference_model_name_or_path")
@@ -131,7 +156,7 @@ def split_rows(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int
 
 
 class ADPATrainer(TeacherPairTrainer):
-    """ADPA (specs/dckd_adpa.md §4) on TRL's DPOTrainer.
+    """ADPA (docs/methods/dckd_adpa.md §4) on TRL's DPOTrainer.
 
     `train_dataset` rows: `id`, `prompt`, `chosen` (the SFT target) and `{response_column}_ids` (the student's
     response token ids), optionally `prompt_ids` (the ids the response followed; default: the prompt through the
@@ -242,15 +267,11 @@ class ADPATrainer(TeacherPairTrainer):
     # -- student responses -----------------------------------------------------------------------------------------
     def _regenerate(self, model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch with its student-response rows replaced by fresh responses of the current student."""
-        from trl.models.utils import unwrap_model_for_generation
-
-        from align_distill.data_gen.backends import SamplingParams
-        from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 
         prompts = inputs["prompt"]
         params = SamplingParams(
-            temperature=self.args.rollout_temperature,
-            max_new_tokens=self.args.rollout_max_new_tokens,
+            temperature=self.args.temperature,
+            max_new_tokens=self.args.max_completion_length,
             seed=self.args.seed + self.state.global_step,
         )
         with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
@@ -278,9 +299,9 @@ class ADPATrainer(TeacherPairTrainer):
                 for p in ("dpo_", "ref_")
             )
         rows = {k: inputs[k][half:] for k in ("input_ids", "attention_mask", "completion_mask")}
-        dpo = live_signals(self._teacher_logits(self.teacher, rows), labels, args.top_k)
+        dpo = live_signals(self._teacher_logits(self.teacher, rows), labels, args.signals_top_k)
         gather = dpo.ids if args.loss_mode == "paper" else None
-        ref = live_signals(self._teacher_logits(self.reference, rows), labels, args.top_k, gather_ids=gather)
+        ref = live_signals(self._teacher_logits(self.reference, rows), labels, args.signals_top_k, gather_ids=gather)
         return dpo, ref
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

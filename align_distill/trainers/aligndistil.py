@@ -1,4 +1,4 @@
-"""AlignDistil (specs/aligndistil.md): distil a synthesized token-level teacher into the student.
+"""AlignDistil (docs/methods/aligndistil.md): distil a synthesized token-level teacher into the student.
 
 The teacher is built per token from two frozen models: the DPO model and the reverse-DPO model (trained on the
 same pairs with chosen and rejected swapped), z* = z_dpo + α_t·(z_dpo − z_rev) with α_t = r·TVD_t + ε. The student
@@ -23,21 +23,26 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+from align_distill.data.tokens import encode_prompt
+from align_distill.data_gen.backends import SamplingParams, generate_with_seeds, make_generator
+from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 from align_distill.losses import aligndistil_loss, masked_mean
 from align_distill.losses.divergence import default_chunk_size
-from align_distill.methods.common import default_precision
-from align_distill.trainers.common import prepare_frozen, student_weights, without_zero3_init
+from align_distill.models import check_model_vocab, load_model, shared_vocab_size
+from align_distill.trainers.common import default_precision, prepare_frozen, student_weights, without_zero3_init
+from align_distill.vocabulary import reject_ignored_fields
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("adaptive", "contrastive", "theorem1")
 ROLLOUT_BACKENDS = ("transformers", "vllm")
-# Released scripts: `--beta2` (= tvd_scale) 10 off-policy, 15 on-policy (specs/aligndistil.md §6.2).
+# Released scripts: `--beta2` (= tvd_scale) 10 off-policy, 15 on-policy (docs/methods/aligndistil.md §6.2).
 DEFAULT_TVD_SCALE = {False: 10.0, True: 15.0}
 
 
@@ -48,15 +53,15 @@ class AlignDistilConfig(SFTConfig):
     Parameters:
         > Parameters that control the models
 
-        dpo_model_path (`str`, *optional*):
+        teacher_model_name_or_path (`str`, *optional*):
             The DPO model (π_dpo, trained from the SFT model with β0). The official code calls it `--teacher_model`.
-        rev_dpo_model_path (`str`, *optional*):
+        reference_model_name_or_path (`str`, *optional*):
             The reverse-DPO model (π⁻_dpo: DPO with chosen and rejected swapped, same β0). The official code calls
             it `--ref_model`. For `variant="theorem1"` give the SFT reference model here instead.
         teacher_dtype (`str`, defaults to `"auto"`):
             dtype the two frozen models are loaded in when given as paths (`auto`, `float32`, `bfloat16`, ...).
 
-        > Parameters that control the loss (specs/aligndistil.md §4, §5, §8.1)
+        > Parameters that control the loss (docs/methods/aligndistil.md §4, §5, §8.1)
 
         beta (`float`, defaults to `0.1`):
             β0, the β the DPO and reverse-DPO models were trained with (must match them). β_t = beta/α_t.
@@ -84,7 +89,7 @@ class AlignDistilConfig(SFTConfig):
             (default): on when every LM head is a plain linear layer without logit scaling or soft-capping;
             `False`: the models' own forwards compute the logits of the scored span.
 
-        > Parameters that control on-policy rollouts (specs/aligndistil.md §5.2)
+        > Parameters that control on-policy rollouts (docs/methods/aligndistil.md §5.2)
 
         on_policy (`bool`, defaults to `False`):
             Train on student samples for each batch's prompts instead of the dataset's chosen responses.
@@ -95,23 +100,39 @@ class AlignDistilConfig(SFTConfig):
             "max_model_len": 256}` for vLLM, `{"batch_size": 64}` for transformers.
         rollout_sync_steps (`int`, defaults to `1`):
             Copy the student's weights into the rollout engine every this many optimizer steps (official: 1).
-        max_new_tokens (`int`, defaults to `1024`):
+        max_completion_length (`int`, defaults to `1024`):
             Longest sampled response (official `generate_max_len`).
         temperature (`float`, defaults to `1.0`), top_p (`float`, defaults to `1.0`), top_k (`int`, defaults to `0`):
             Sampling settings (official: temperature 1, top-p 1).
 
     > [!NOTE]
-    > Defaults changed from `SFTConfig`, to the released AlignDistil scripts (specs/aligndistil.md §6.2):
+    > Defaults changed from `SFTConfig`, to the released AlignDistil scripts (docs/methods/aligndistil.md §6.2):
     > `learning_rate=1e-6`, `lr_scheduler_type="cosine_with_min_lr"` with `min_lr_rate=0.1`, `warmup_steps=0.1`
     > (a ratio), `adam_beta2=0.95`, `max_length=2048`; and `bf16=None` means bf16 only on a CUDA device that
     > supports it.
+
+    TRL fields the AlignDistil loss never reads (`loss_type`, `router_aux_loss_coef`, `label_smoothing_factor`) are
+    rejected when set. Deprecated keys (one release): `dpo_model_path` → `teacher_model_name_or_path`,
+    `rev_dpo_model_path` → `reference_model_name_or_path`, `max_new_tokens` → `max_completion_length`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "dpo_model_path": "teacher_model_name_or_path",
+        "rev_dpo_model_path": "reference_model_name_or_path",
+        "max_new_tokens": "max_completion_length",
+    }
+    ignored_fields: ClassVar[dict[str, str]] = {
+        "loss_type": "the SFT loss is replaced by the AlignDistil loss",
+        "label_smoothing_factor": "the SFT loss is replaced by the AlignDistil loss",
+        "router_aux_loss_coef": "the AlignDistil loss has no MoE load-balancing term",
+    }
+    method_label: ClassVar[str] = "AlignDistil"
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs"]
 
     # models
-    dpo_model_path: str | None = field(default=None, metadata={"help": "The DPO model (π_dpo)."})
-    rev_dpo_model_path: str | None = field(
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The DPO model (π_dpo)."})
+    reference_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The reverse-DPO model (π⁻_dpo); the SFT model for variant=theorem1."}
     )
     teacher_dtype: str = field(default="auto", metadata={"help": "dtype of the two frozen models."})
@@ -143,7 +164,7 @@ class AlignDistilConfig(SFTConfig):
     rollout_sync_steps: int = field(
         default=1, metadata={"help": "Copy student weights into the rollout engine every N optimizer steps."}
     )
-    max_new_tokens: int = field(default=1024, metadata={"help": "Longest sampled response."})
+    max_completion_length: int = field(default=1024, metadata={"help": "Longest sampled response in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of rollouts (0 = off)."})
@@ -162,6 +183,7 @@ class AlignDistilConfig(SFTConfig):
             self.tvd_scale = DEFAULT_TVD_SCALE[bool(self.on_policy)]
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+        reject_ignored_fields(self)  # the values as given, before TRL resolves them
         super().__post_init__()
         problems = []
         if self.variant not in VARIANTS:
@@ -377,7 +399,8 @@ class AlignDistilTrainer(SFTTrainer):
     Args:
         model: the student (a path or a model), initialised from the SFT model.
         dpo_model, rev_dpo_model: the frozen DPO and reverse-DPO models (paths or models); default to
-            `args.dpo_model_path` / `args.rev_dpo_model_path`. For `variant="theorem1"` the second is the SFT model.
+            `args.teacher_model_name_or_path` / `args.reference_model_name_or_path`. For `variant="theorem1"` the
+            second is the SFT model.
         train_dataset: preference rows (prompt, chosen[, rejected]) or prompt/completion rows; on-policy only reads
             `prompt`.
         generator: an existing rollout `Generator` (on-policy); by default one is built on the first rollout.
@@ -402,12 +425,13 @@ class AlignDistilTrainer(SFTTrainer):
     ):
         if args is None:
             raise ValueError("AlignDistilTrainer needs an AlignDistilConfig (args)")
-        dpo_model = dpo_model if dpo_model is not None else args.dpo_model_path
-        rev_dpo_model = rev_dpo_model if rev_dpo_model is not None else args.rev_dpo_model_path
+        dpo_model = dpo_model if dpo_model is not None else args.teacher_model_name_or_path
+        rev_dpo_model = rev_dpo_model if rev_dpo_model is not None else args.reference_model_name_or_path
         if dpo_model is None or rev_dpo_model is None:
             raise ValueError(
-                "AlignDistil needs the DPO model and the reverse-DPO model: set dpo_model_path and "
-                f"rev_dpo_model_path (found {args.dpo_model_path!r}, {args.rev_dpo_model_path!r})"
+                "AlignDistil needs the DPO model and the reverse-DPO model: set teacher_model_name_or_path and "
+                f"reference_model_name_or_path (found {args.teacher_model_name_or_path!r}, "
+                f"{args.reference_model_name_or_path!r})"
             )
         data_collator = None
         if args.on_policy:
@@ -428,7 +452,6 @@ class AlignDistilTrainer(SFTTrainer):
             peft_config=peft_config,
             callbacks=callbacks,
         )
-        from align_distill.models import check_model_vocab, shared_vocab_size
 
         self.vocab_size = shared_vocab_size(self._tokenizer)
         check_model_vocab(self.accelerator.unwrap_model(self.model), self._tokenizer, "student")
@@ -440,7 +463,6 @@ class AlignDistilTrainer(SFTTrainer):
         self._rollouts = 0
 
     def _frozen(self, model: Any, name: str) -> torch.nn.Module:
-        from align_distill.models import check_model_vocab, load_model
 
         if isinstance(model, str):
             model = load_model(
@@ -461,7 +483,6 @@ class AlignDistilTrainer(SFTTrainer):
         return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     def _build_generator(self) -> Any:
-        from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 
         student = self.accelerator.unwrap_model(self.model)
         base = student.get_base_model() if hasattr(student, "get_base_model") else student
@@ -469,7 +490,6 @@ class AlignDistilTrainer(SFTTrainer):
         if self.args.rollout_backend == "transformers":
             # Its own copy of the student (weights arrive through `sync_rollout_weights`), so that rollouts see
             # exactly the weights of the last sync, as with a vLLM engine.
-            from transformers import AutoModelForCausalLM
 
             dtype = kwargs.pop("dtype", None)
             with without_zero3_init():  # a whole local copy, not a ZeRO-3 partitioned one
@@ -477,7 +497,6 @@ class AlignDistilTrainer(SFTTrainer):
             copy.generation_config = base.generation_config
             copy.to(self.accelerator.device)
             return TransformersGenerator(model=copy, tokenizer=self._tokenizer, **kwargs)
-        from align_distill.data_gen.backends import make_generator
 
         return make_generator("vllm", model=base.name_or_path, tokenizer=self._tokenizer, **kwargs)
 
@@ -497,13 +516,11 @@ class AlignDistilTrainer(SFTTrainer):
 
     def rollout(self, prompts: list[Any]) -> dict[str, torch.Tensor]:
         """Sample one response per prompt from the rollout engine; return the right-padded training batch."""
-        from align_distill.data_gen.backends import SamplingParams, generate_with_seeds
-        from align_distill.data_gen.tokens import encode_prompt
 
         self._maybe_sync()
         args = self.args
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length
         )
         base_seed = (args.seed * 1_000_003 + self._rollouts) * 1_009 + self.accelerator.process_index
         seeds = [base_seed * 65_537 + i for i in range(len(prompts))]

@@ -14,6 +14,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
+from transformers.integrations import deepspeed as hf_deepspeed
+from trl.models.utils import prepare_deepspeed
 
 
 def response_view(
@@ -60,8 +63,6 @@ def prepare_frozen(model: torch.nn.Module, accelerator: Any, is_deepspeed: bool)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if is_deepspeed:
-        from trl.models.utils import prepare_deepspeed
-
         return prepare_deepspeed(model, accelerator)
     return accelerator.prepare_model(model, evaluation_mode=True)
 
@@ -79,7 +80,7 @@ def gathered(params: list[torch.nn.Parameter], zero3: bool):
     """Under ZeRO-3, gather `params` whole for the block (collective: every rank must enter); else nothing."""
     if not zero3:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # optional, heavy: only under ZeRO-3
 
     return deepspeed.zero.GatheredParameters(params)
 
@@ -89,7 +90,6 @@ def without_zero3_init():
     """Under a ZeRO-3 Trainer, transformers builds every new model partitioned (`deepspeed.zero.Init`); a rollout
     copy (AlignDistil's rollouts, CycleAlign's sampler) must be whole. transformers keeps the active DeepSpeed
     config in a module global: hide it meanwhile."""
-    from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
@@ -105,7 +105,6 @@ def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tup
     ZeRO-3 parameters are gathered one at a time (all ranks must iterate: gathering is collective). A LoRA student
     is merged for the duration (gathered at once, as merging needs every shard) and unmerged afterwards.
     """
-    from accelerate.utils import is_peft_model
 
     if is_peft_model(model):
         with gathered(list(model.parameters()), zero3):
@@ -122,3 +121,14 @@ def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tup
     for name, param in model.named_parameters():
         with gathered([param], zero3):
             yield name, param.data
+
+
+def default_precision(config: Any) -> None:
+    """Resolve `bf16=None` to bf16 only where it helps (a CUDA device that supports it), not TRL's "always".
+
+    On CPU bf16 autocast is slower than fp32 and changes results, so a recipe that says nothing trains in fp32.
+    """
+    if getattr(config, "bf16", None) is None:
+        config.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not getattr(
+            config, "fp16", False
+        )

@@ -1,4 +1,4 @@
-"""LLaVA-MoD stage 1, mimic distillation (specs/llava_mod.md §4): `MoDMimicConfig`, `MoDMimicTrainer`.
+"""LLaVA-MoD stage 1, mimic distillation (docs/methods/llava_mod.md §4): `MoDMimicConfig`, `MoDMimicTrainer`.
 
 Two steps, one trainer (`stage`):
 
@@ -12,16 +12,17 @@ of the `signals` job (`topk_kd_loss`, top-k + rest bucket). Text and vision-lang
 batch is TRL's SFT prompt/completion batch, and the teacher sees exactly the student's inputs (pixel values too).
 
 Token alignment: the textbook one (`trainers.common.response_view`), logits at t against the response token t+1;
-the official code's unshifted mask (spec §4.2) is a quirk we do not reproduce. The balancing loss follows the spec
+the official code's unshifted mask (llava_mod §4.2) is a quirk we do not reproduce. The balancing loss follows
+docs/methods/llava_mod.md
 (DeepSpeed's first-choice ℓ_aux per MoE layer, summed) over non-padding tokens; the official code also counts
-padding. It is added once (the official D2S adds it twice, spec §3.3).
+padding. It is added once (the official D2S adds it twice, docs/methods/llava_mod.md §3.3).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from align_distill.losses import kd_loss, masked_mean, moe_balancing_loss, topk_
 from align_distill.losses.divergence import chunked_token_map
 from align_distill.models.moe import PROJECTOR_NAMES, parameter_numel, set_d2s_trainable
 from align_distill.models.vocab import slice_logits_to_vocab
+from align_distill.trainers.common import default_precision
+from align_distill.vocabulary import reject_ignored_fields
 
 from .common import prepare_frozen, response_view, scatter_rows
 
@@ -52,45 +55,66 @@ class MoDMimicConfig(SFTConfig):
 
     > Parameters that control the loss
 
-    kd_coef (`float`, defaults to `1.0`):
+    kd_weight (`float`, defaults to `1.0`):
         Weight of the mimic loss KL(teacher ‖ student) (token mean over response tokens, τ = 1).
-    ce_coef (`float`, *optional*):
-        Weight of the next-token cross-entropy on the response. `None`: 0 for `d2d`, 1 for `d2s` (spec §4.1).
-    aux_loss_coef (`float`, defaults to `0.01`):
-        Weight of the load-balancing loss Σ_layers ℓ_aux (spec §3.2); only an MoE student has one.
+    sft_weight (`float`, *optional*):
+        Weight of the next-token cross-entropy on the response. `None`: 0 for `d2d`, 1 for `d2s` (llava_mod §4.1).
+    aux_loss_weight (`float`, defaults to `0.01`):
+        Weight of the load-balancing loss Σ_layers ℓ_aux (docs/methods/llava_mod.md §3.2); only an MoE student has one.
     balancing_convention (`str`, defaults to `"deepspeed"`):
-        `deepspeed` (the spec's ℓ_aux, first choices, per layer) or `transformers` (the model's own aux loss).
-    kd_chunk_size (`int`, *optional*):
+        `deepspeed` (the method page's ℓ_aux, first choices, per layer) or `transformers` (the model's own aux loss).
+    loss_chunk_size (`int`, *optional*):
         Positions per chunk of the full-vocabulary KL (`None`: about 16 MiB per float32 intermediate).
-    topk_mode (`str`, defaults to `"paper"`):
+    loss_mode (`str`, defaults to `"paper"`):
         With a teacher-signal cache: `paper` (exact top-k + rest KL) or `official` (DCKD's clamps).
-    signals_teacher (`str`, *optional*):
+    teacher_name (`str`, *optional*):
         Which teacher of the signal cache to mimic; `None` = its first teacher.
 
     Changed defaults from `SFTConfig`: `bf16=None` (bf16 only on a CUDA device that supports it), learning_rate 2e-5
-    (spec, both mimic steps), `completion_only_loss=True`, `remove_unused_columns=False`.
+    (spec, both mimic steps), `completion_only_loss=True`, `remove_unused_columns=False`. SFT fields the mimic loss
+    never reads (`loss_type`, `router_aux_loss_coef` — use `aux_loss_weight` —, `label_smoothing_factor`) are
+    rejected when set.
+
+    Deprecated keys (one release): `kd_coef` → `kd_weight`, `ce_coef` → `sft_weight`, `aux_loss_coef` →
+    `aux_loss_weight`, `kd_chunk_size` → `loss_chunk_size`, `topk_mode` → `loss_mode`, `signals_teacher` →
+    `teacher_name`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {
+        "kd_coef": "kd_weight",
+        "ce_coef": "sft_weight",
+        "aux_loss_coef": "aux_loss_weight",
+        "kd_chunk_size": "loss_chunk_size",
+        "topk_mode": "loss_mode",
+        "signals_teacher": "teacher_name",
+    }
+    ignored_fields: ClassVar[dict[str, str]] = {
+        "loss_type": "the SFT loss is replaced by the mimic loss",
+        "label_smoothing_factor": "the SFT loss is replaced by the mimic loss",
+        "router_aux_loss_coef": "the balancing loss is weighted by `aux_loss_weight`",
+    }
+    method_label: ClassVar[str] = "LLaVA-MoD mimic (d2d/d2s)"
 
     stage: str = field(
         default="d2d", metadata={"help": "d2d (dense→dense) or d2s (dense→sparse).", "choices": ["d2d", "d2s"]}
     )
-    kd_coef: float = field(default=1.0, metadata={"help": "Weight of KL(teacher ‖ student)."})
-    ce_coef: float | None = field(default=None, metadata={"help": "Weight of the response CE; None: 0 d2d, 1 d2s."})
-    aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher ‖ student)."})
+    sft_weight: float | None = field(default=None, metadata={"help": "Weight of the response CE; None: 0 d2d, 1 d2s."})
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     balancing_convention: str = field(
         default="deepspeed",
         metadata={
-            "help": "Balancing loss: deepspeed (spec) or transformers.",
+            "help": "Balancing loss: deepspeed (docs/methods/llava_mod.md) or transformers.",
             "choices": ["deepspeed", "transformers"],
         },
     )
-    kd_chunk_size: int | None = field(default=None, metadata={"help": "Positions per chunk of the full-vocab KL."})
-    topk_mode: str = field(
+    loss_chunk_size: int | None = field(default=None, metadata={"help": "Positions per chunk of the full-vocab KL."})
+    loss_mode: str = field(
         default="paper",
         metadata={"help": "Top-k KL from the cache: paper or official.", "choices": ["paper", "official"]},
     )
-    signals_teacher: str | None = field(default=None, metadata={"help": "Teacher name in the signal cache."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Initial learning rate (spec: 2e-5)."})
+    teacher_name: str | None = field(default=None, metadata={"help": "Teacher name in the signal cache."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Initial learning rate (method doc: 2e-5)."})
     completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on the completion only."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 (None: only on a CUDA device that supports it)."})
     remove_unused_columns: bool = field(
@@ -98,13 +122,13 @@ class MoDMimicConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
-        from align_distill.methods.common import default_precision
 
         default_precision(self)
         if self.stage not in ("d2d", "d2s"):
             raise ValueError(f"MoDMimicConfig.stage must be 'd2d' or 'd2s', got {self.stage!r}")
-        if self.ce_coef is None:
-            self.ce_coef = 1.0 if self.stage == "d2s" else 0.0
+        if self.sft_weight is None:
+            self.sft_weight = 1.0 if self.stage == "d2s" else 0.0
+        reject_ignored_fields(self)  # the values as given, before TRL resolves them
         super().__post_init__()
 
 
@@ -116,7 +140,7 @@ def _is_vision_tower(name: str) -> bool:
 
 
 def set_d2d_trainable(model: nn.Module) -> list[str]:
-    """D2D trainable set (spec §1): every parameter except a vision tower's; returns the trainable names."""
+    """D2D trainable set (llava_mod §1): every parameter except a vision tower's; returns the trainable names."""
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(not _is_vision_tower(name))
@@ -126,7 +150,7 @@ def set_d2d_trainable(model: nn.Module) -> list[str]:
 
 
 def set_stage_trainable(model: nn.Module, stage: str) -> list[str]:
-    """Apply the spec's trainable set of `stage` (`d2d`, or `d2s` / `pd`) to `model` and return the names."""
+    """Apply the method page's trainable set of `stage` (`d2d`, or `d2s` / `pd`) to `model` and return the names."""
     names = set_d2d_trainable(model) if stage == "d2d" else set_d2s_trainable(model)
     total = sum(parameter_numel(p) for p in model.parameters())
     trainable = sum(parameter_numel(p) for p in model.parameters() if p.requires_grad)
@@ -247,14 +271,14 @@ class MoDMimicTrainer(SFTTrainer):
         text_config = model.config.get_text_config()
         if hasattr(text_config, "router_aux_loss_coef"):
             text_config.output_router_logits = False
-            text_config.router_aux_loss_coef = args.aux_loss_coef
+            text_config.router_aux_loss_coef = args.aux_loss_weight
         self._shared_vocab = len(self._tokenizer)
         self.teacher_signals = teacher_signals
         self.teacher_model = None
         if teacher_model is not None:
             self.teacher_model = prepare_frozen(teacher_model, self.accelerator, self.is_deepspeed_enabled)
-        elif args.signals_teacher is None:
-            args.signals_teacher = teacher_signals.teachers[0]["name"]
+        elif args.teacher_name is None:
+            args.teacher_name = teacher_signals.teachers[0]["name"]
         if teacher_signals is not None and self.teacher_model is None:
             self.data_collator = _WithRowIds(self.data_collator)
 
@@ -279,18 +303,18 @@ class MoDMimicTrainer(SFTTrainer):
             with torch.no_grad():
                 teacher_logits = self.teacher_model(**model_inputs).logits[:, :-1]
             teacher_logits = slice_logits_to_vocab(teacher_logits, self._shared_vocab)
-            kd = kd_loss(logits, teacher_logits, mask, divergence="forward_kl", chunk_size=args.kd_chunk_size)
+            kd = kd_loss(logits, teacher_logits, mask, divergence="forward_kl", chunk_size=args.loss_chunk_size)
         else:
             ids, logprobs = self._cached_topk(row_ids, mask)
-            kd = topk_kd_loss(logits, ids, logprobs, mask, mode=args.topk_mode, chunk_size=args.kd_chunk_size)
-        loss = args.kd_coef * kd
+            kd = topk_kd_loss(logits, ids, logprobs, mask, mode=args.loss_mode, chunk_size=args.loss_chunk_size)
+        loss = args.kd_weight * kd
         metrics = {"kd_loss": kd.detach()}
 
-        if args.ce_coef:
-            ce = masked_mean(response_nll(logits, targets, mask, args.kd_chunk_size), mask)
-            loss = loss + args.ce_coef * ce
+        if args.sft_weight:
+            ce = masked_mean(response_nll(logits, targets, mask, args.loss_chunk_size), mask)
+            loss = loss + args.sft_weight * ce
             metrics["ce_loss"] = ce.detach()
-        if router.logits and args.aux_loss_coef:
+        if router.logits and args.aux_loss_weight:
             aux = balancing_loss(
                 router.logits,
                 inputs.get("attention_mask"),
@@ -298,7 +322,7 @@ class MoDMimicTrainer(SFTTrainer):
                 self.router_logits.num_experts,
                 args.balancing_convention,
             )
-            loss = loss + args.aux_loss_coef * aux
+            loss = loss + args.aux_loss_weight * aux
             metrics["aux_loss"] = aux.detach()
 
         for name, value in metrics.items():
@@ -316,7 +340,7 @@ class MoDMimicTrainer(SFTTrainer):
         """Scatter the cache's top-k ids / log-probs of each row's completion onto the aligned `[B, T-1, K]` grid."""
         if row_ids is None:
             raise ValueError("the teacher-signal cache needs an `id` column in the training data")
-        teacher = self.args.signals_teacher
+        teacher = self.args.teacher_name
         rows = [self.teacher_signals[row_id].responses["completion"].teachers[teacher] for row_id in row_ids]
         ids = scatter_rows(mask, [r.topk_ids for r in rows], fill=0)
         logprobs = scatter_rows(mask, [r.topk_logprobs for r in rows], fill=0.0)

@@ -1,11 +1,12 @@
-"""LLaVA-MoD stage 2, preference distillation (specs/llava_mod.md §5): `MoDPreferenceConfig`, `MoDPreferenceTrainer`.
+"""LLaVA-MoD stage 2, preference distillation (docs/methods/llava_mod.md §5):
+`MoDPreferenceConfig`, `MoDPreferenceTrainer`.
 
 TRL's DPOTrainer with the frozen **teacher as the reference model**: TRL collates (text or vision preference
 batches, chosen and rejected stacked), scores the summed response log-probs with its fused LM head, and runs or
 precomputes the reference; the loss is `align_distill.losses.teacher_ref_preference_loss` (`sigmoid` = DPO, the
 project default, or `kto_pair`, the released script's), plus 0.01 · (ℓ_aux over the chosen pass + ℓ_aux over the
 rejected pass) for an MoE student. The KD loss is not kept; the chosen answer's CE is logged (`sft_loss`), not
-optimised (spec §5.2).
+optimised (docs/methods/llava_mod.md §5.2).
 
 Teacher log-probs come from (in this order): a `ref_chosen_logps` / `ref_rejected_logps` column already in the
 data (e.g. from the teacher-signal cache, `teacher_logps_from_signals`), a pass over the data before training
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from align_distill.losses import teacher_ref_preference_loss
+from align_distill.trainers.common import default_precision
+from align_distill.vocabulary import reject_ignored_fields
 
 from .mod_mimic import RouterLogits, balancing_loss, set_stage_trainable
 
@@ -44,43 +48,64 @@ class MoDPreferenceConfig(DPOConfig):
         `sigmoid` (DPO against the teacher; project default, arXiv v1) or `kto_pair` (the released script).
     beta (`float`, defaults to `0.1`):
         β of both losses.
-    aux_loss_coef (`float`, defaults to `0.01`):
+    aux_loss_weight (`float`, defaults to `0.01`):
         Weight of the MoE load-balancing loss, once per pass (chosen, rejected); only an MoE student has one.
     balancing_convention (`str`, defaults to `"deepspeed"`):
-        `deepspeed` (the spec's ℓ_aux) or `transformers`.
+        `deepspeed` (the method page's ℓ_aux) or `transformers`.
 
     > Parameters that control the model
 
     trainable (`str`, defaults to `"auto"`):
-        `d2s`: FFN / experts / routers + projector (spec); `all`: every parameter but a vision tower; `auto`: `d2s`
+        `d2s`: FFN / experts / routers + projector; `all`: every parameter but a vision tower; `auto`: `d2s`
         for an MoE student, `all` for a dense one.
 
-    Changed defaults from `DPOConfig`: learning_rate 2e-6 (spec), `bf16=None` (bf16 only on a CUDA device that
-    supports it). `precompute_ref_log_probs=True` scores the data with the teacher once, then frees it.
+    Changed defaults from `DPOConfig`: learning_rate 2e-6 (method doc), `bf16=None` (bf16 only on a CUDA device that
+    supports it). `precompute_ref_log_probs=True` scores the data with the teacher once, then frees it. DPO fields
+    that loss never reads (`loss_weights`, `label_smoothing`, the f-divergence and reference-sync options, ...) are
+    rejected when set.
+
+    Deprecated key (one release): `aux_loss_coef` → `aux_loss_weight`.
     """
+
+    deprecated_aliases: ClassVar[dict[str, str]] = {"aux_loss_coef": "aux_loss_weight"}
+    ignored_fields: ClassVar[dict[str, str]] = {
+        "loss_weights": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "ld_alpha": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "f_divergence_type": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "f_alpha_divergence_coef": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "label_smoothing": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "discopop_tau": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "use_weighting": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "label_smoothing_factor": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        "router_aux_loss_coef": "the balancing loss is weighted by `aux_loss_weight`",
+        "sync_ref_model": "the reference is the frozen teacher",
+        "ref_model_mixup_alpha": "the reference is the frozen teacher",
+        "ref_model_sync_steps": "the reference is the frozen teacher",
+    }
+    method_label: ClassVar[str] = "LLaVA-MoD preference distillation (pd)"
 
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
         metadata={"help": "sigmoid (DPO, teacher as reference) or kto_pair.", "choices": list(LOSS_TYPES)},
     )
-    aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss per pass."})
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss per pass."})
     balancing_convention: str = field(
         default="deepspeed",
         metadata={
-            "help": "Balancing loss: deepspeed (spec) or transformers.",
+            "help": "Balancing loss: deepspeed (docs/methods/llava_mod.md) or transformers.",
             "choices": ["deepspeed", "transformers"],
         },
     )
     trainable: str = field(
         default="auto", metadata={"help": "Trainable set: auto, d2s or all.", "choices": ["auto", "d2s", "all"]}
     )
-    learning_rate: float = field(default=2e-6, metadata={"help": "Initial learning rate (spec: 2e-6)."})
+    learning_rate: float = field(default=2e-6, metadata={"help": "Initial learning rate (method doc: 2e-6)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 (None: only on a CUDA device that supports it)."})
 
     def __post_init__(self) -> None:
-        from align_distill.methods.common import default_precision
 
         default_precision(self)
+        reject_ignored_fields(self)  # the values as given, before TRL resolves them
         super().__post_init__()  # makes loss_type a list
         if len(self.loss_type) != 1 or self.loss_type[0] not in LOSS_TYPES:
             raise ValueError(f"MoDPreferenceConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type}")
@@ -174,7 +199,6 @@ class MoDPreferenceTrainer(DPOTrainer):
     def _teacher_pass(self, dataset):
         """Add the teacher's summed log-probs of each row's chosen / rejected answer as columns (one pass, every
         process scores the whole dataset; vision data, where TRL does not precompute)."""
-        from torch.utils.data import DataLoader
 
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
@@ -217,9 +241,9 @@ class MoDPreferenceTrainer(DPOTrainer):
             loss_type=self.loss_type,
         )
         metrics: dict[str, torch.Tensor] = {}
-        if router.logits and args.aux_loss_coef:
+        if router.logits and args.aux_loss_weight:
             aux = self._balancing_per_pass(router.logits, inputs["attention_mask"])
-            loss = loss + args.aux_loss_coef * aux
+            loss = loss + args.aux_loss_weight * aux
             metrics["aux_loss"] = aux.detach()
 
         with torch.no_grad():
@@ -274,7 +298,7 @@ def teacher_logps_from_signals(dataset: Any, signals: Any, teacher: str | None =
     `ref_chosen_logps` / `ref_rejected_logps` columns, matched by the rows' `id`.
 
     The cache stores each response token's own teacher log-prob (`token_logprobs`); their sum is the sequence
-    log-prob the loss needs (spec §5.1: summed, not averaged).
+    log-prob the loss needs (docs/methods/llava_mod.md §5.1: summed, not averaged).
     """
     name = teacher or signals.teachers[0]["name"]
     missing = [c for c in ("chosen", "rejected") if c not in signals.responses]

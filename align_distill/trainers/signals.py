@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from align_distill.data_gen import load_signals
+
 from .common import scatter_rows
 
 
@@ -53,7 +55,6 @@ class TeacherSignalReader:
     """
 
     def __init__(self, path: str | Path, teachers: Sequence[str], responses: Sequence[str]):
-        from align_distill.data_gen import load_signals
 
         self.path = str(path)
         try:

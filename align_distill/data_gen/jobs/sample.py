@@ -16,11 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from align_distill.data.tokens import encode_prompts
 from align_distill.data_gen.backends import Completion, Generator, generate_with_seeds, make_generator
 from align_distill.data_gen.config import JobConfig, SampleConfig, as_config
-from align_distill.data_gen.tokens import encode_prompts
+from align_distill.fingerprint import model_fingerprint, semantic_kwargs, tokenizer_fingerprint
 
-from .fingerprint import model_fingerprint, semantic_kwargs, tokenizer_fingerprint
 from .inputs import load_inputs
 from .runner import kept_types, row_seed, run_store_job
 

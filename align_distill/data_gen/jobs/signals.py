@@ -19,11 +19,11 @@ import pyarrow as pa
 from transformers import AutoTokenizer
 
 from align_distill.data import DataProblem, DataValidationError
+from align_distill.data.tokens import common_prefix, encode_full, encode_prompts
 from align_distill.data_gen.backends import Generator, TokenScores, make_generator
 from align_distill.data_gen.config import SignalsConfig, as_config
-from align_distill.data_gen.tokens import common_prefix, encode_full, encode_prompts
+from align_distill.fingerprint import tokenizer_fingerprint
 
-from .fingerprint import tokenizer_fingerprint
 from .inputs import load_inputs
 from .runner import kept_types, run_store_job
 from .sample import IDS, generator_fingerprint
@@ -134,7 +134,7 @@ def run_signals(
                     "student tokenizer; the signals need one shared vocabulary"
                 )
         vocab_size = max([len(tokenizer), *(getattr(g, "vocab_size", 0) for g in generators.values())])
-        encoding = SignalsEncoding.choose(config.top_k, vocab_size, config.id_encoding)
+        encoding = SignalsEncoding.choose(config.signals_top_k, vocab_size, config.id_encoding)
         return _run(config, inputs, responses, generators, tokenizer, encoding)
     finally:
         for generator in owned.values():
@@ -170,7 +170,7 @@ def _run(
         for teacher in teachers:
             gather = [s.topk_ids for s in scores[teacher.gather_at]] if teacher.gather_at else None
             scores[teacher.name] = generators[teacher.name].score(
-                flat_prompts, flat_responses, config.top_k, gather_ids=gather
+                flat_prompts, flat_responses, config.signals_top_k, gather_ids=gather
             )
         out, flat = [], 0
         for position, row, (prompt_ids, response_ids) in zip(positions, rows, tokenized):
@@ -195,7 +195,7 @@ def _run(
             for t in teachers
         ],
         "student_tokenizer": tokenizer_fingerprint(tokenizer),
-        "top_k": config.top_k,
+        "top_k": config.signals_top_k,  # the fingerprint keeps the former key: older stores still resume
         "responses": responses,
         "encoding": encoding.to_dict(),
         "keep_columns": config.keep_columns,

@@ -1,0 +1,89 @@
+"""Run reports: a markdown table of ground-truth scores and a bar chart, written next to the run's outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+
+from align_distill.quickstart.curves import steps_to_90
+
+COLUMNS = ("reward", "capability", "preference")
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """Markdown table: one row per model, the three ground-truth numbers."""
+    lines = ["| model | reward | capability | preference rate |", "| --- | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['reward']:.3f} | {r['capability']:.3f} | {r['preference']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, dict], path: Path) -> None:
+
+    matplotlib.use("Agg")
+
+    names = list(results)
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    for i, column in enumerate(COLUMNS):
+        xs = [x + (i - 1) * width for x in range(len(names))]
+        ax.bar(xs, [results[n][column] for n in names], width, label=column)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("ground truth (greedy)")
+    ax.legend(loc="upper left", ncols=3, fontsize=8)
+    ax.set_title("align-distill quickstart: synthetic task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_section(curves: dict[str, list[dict]], png: str) -> list[str]:
+    """Report lines for reward-vs-steps curves: the chart and, per method, reward at each measured step."""
+
+    steps = sorted({int(p["step"]) for points in curves.values() for p in points})
+    lines = [
+        "## Convergence: reward vs optimizer steps",
+        "",
+        "Each method retrained from the same SFT student with its quickstart settings, measuring the ground-truth",
+        "reward every few optimizer steps (same held-out prompts as above).",
+        "",
+        f"![reward vs steps]({png})",
+        "",
+        "| method | " + " | ".join(f"step {s}" for s in steps) + " | steps to 90% of gain |",
+        "| --- | " + " | ".join("---:" for _ in steps) + " | ---: |",
+    ]
+    for method, points in curves.items():
+        by_step = {int(p["step"]): p["reward"] for p in points}
+        cells = [f"{by_step[s]:.3f}" if s in by_step else "" for s in steps]
+        lines.append(f"| {method} | {' | '.join(cells)} | {steps_to_90(points) or '—'} |")
+    return lines + [""]
+
+
+def write_report(
+    out_dir: Path,
+    results: dict[str, dict],
+    models: dict[str, str],
+    curves: dict[str, list[dict]] | None = None,
+    curves_png: str | None = None,
+) -> None:
+    n = next(iter(results.values()))["n"] if results else 0
+    text = [
+        "# align-distill run report",
+        "",
+        f"Ground-truth reward on {n} held-out prompts, greedy decoding. reward = 0.5 capability + 0.5 preference.",
+        "",
+        results_table(results),
+        "",
+        "![reward](reward.png)",
+        "",
+        *(curves_section(curves, curves_png or "reward_vs_steps.png") if curves else []),
+        "## Models",
+        "",
+        *[f"- {name}: `{path}`" for name, path in models.items()],
+        "",
+    ]
+    (out_dir / "report.md").write_text("\n".join(text))
+    plot_results(results, out_dir / "reward.png")

@@ -1,0 +1,10 @@
+"""Names of the files align-distill writes into run, stage and model folders (one place, read by every layer)."""
+
+MARKER = "stage.json"
+"""A pipeline stage's completion record: present only when the stage finished."""
+RUN_RECORD = "align_distill_run.json"
+"""Written next to a trained model: the method, the arguments the run set (secrets redacted), the metrics."""
+PROVENANCE_FILE = "align_distill.json"
+"""Uploaded with a published model: the provenance record behind its card."""
+EVAL_FILE = "eval.json"
+"""Evaluation results next to a model or in an evaluation stage."""
