@@ -14,6 +14,7 @@ processes it does nothing, so the same command line runs everywhere.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any
@@ -26,6 +27,9 @@ from accelerate.utils import DistributedType
 logger = logging.getLogger(__name__)
 
 _PATCH_FLAG = "_align_distill_cpu_gloo"
+# The private accelerate method the fallback wraps, as accelerate 1.10-1.15 define it (pyproject pins that range;
+# the wrapper refuses to install over any other signature instead of silently training each rank alone).
+_PREPARE_BACKEND_PARAMETERS = ("self", "cpu", "sagemaker_dp", "backend")
 
 
 def launched_world_size() -> int:
@@ -56,6 +60,13 @@ def _install_gloo_fallback() -> None:
     original = PartialState._prepare_backend
     if getattr(original, _PATCH_FLAG, False):
         return
+    parameters = tuple(inspect.signature(original).parameters)
+    if parameters != _PREPARE_BACKEND_PARAMETERS:
+        raise RuntimeError(
+            f"accelerate's PartialState._prepare_backend{parameters} is not the one align-distill wraps "
+            f"{_PREPARE_BACKEND_PARAMETERS}: this accelerate version is untested for CPU launches; install "
+            "accelerate>=1.10,<1.16 or launch on GPUs"
+        )
 
     def _prepare_backend(self, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None):
         resolved, distributed_type = original(self, cpu, sagemaker_dp, backend)

@@ -527,3 +527,19 @@ def test_gloo_fallback_only_for_launched_cpu_processes(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert resolve(object(), False, False, None) == ("gloo", DistributedType.NO)
     assert resolve(object(), True, False, None)[1] == DistributedType.MULTI_CPU  # cpu=True: accelerate's own answer
+
+
+def test_gloo_fallback_refuses_an_unknown_accelerate_signature(monkeypatch):
+    """The wrapped method is private: another signature (a new accelerate) stops with the fix instead of letting
+    each rank train alone."""
+    from accelerate.state import PartialState
+
+    from align_distill import distributed
+
+    def renamed(self, cpu=False, backend=None):  # e.g. a release that dropped `sagemaker_dp`
+        return None, None
+
+    monkeypatch.setattr(PartialState, "_prepare_backend", renamed)
+    with pytest.raises(RuntimeError, match=r"accelerate>=1.10,<1.16"):
+        distributed._install_gloo_fallback()
+    assert PartialState._prepare_backend is renamed
