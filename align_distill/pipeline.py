@@ -15,9 +15,15 @@ A recipe is a list of named stages run in order:
 the run folder. A stage's fingerprint hashes its kind, its config, the fingerprints of the stages it references
 and the content of the local files it names, so changing any input reruns exactly the stages downstream of it.
 
-A stage runs in `<run_dir>/.<stage>.partial/` and is renamed to `<stage>/` with a `stage.json` marker only when it
-finished: an interrupted stage never looks complete and is redone from a clean folder (a `generate` stage keeps its
-partial folder, because the store itself resumes exactly once).
+Stage names are plain folder names. A stage runs in `<run_dir>/.<stage>.partial/` and is renamed to `<stage>/` with
+a `stage.json` marker (secrets redacted, with the fingerprint's inputs so that a rerun says why it runs) only when it
+finished: an interrupted stage never looks complete. On the next run a `train` stage resumes from its last complete
+checkpoint when its fingerprint (kept in `.<stage>.partial/.fingerprint`) is unchanged, a `generate` stage keeps its
+partial store (it resumes exactly once), and a `call` stage starts clean. Folders are deleted only inside the run
+folder, by renaming them to `.<name>.trash` first, so a kill mid-deletion never leaves a stage that looks complete.
+
+Launched on several processes, only rank 0 touches the run folder and runs `call` / `generate` stages; every rank
+runs the `train` stages (see `Ranks` and docs/pipelines.md).
 
 Before the first stage runs, every stage's config is built the way the stage will build it (`${stage}` replaced by
 the folder it will be), so an unknown key or a bad value in the last stage fails in seconds, naming the recipe's
@@ -37,8 +43,13 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
+from accelerate import PartialState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align_distill import configuration
 from align_distill.callables import load_callable
@@ -47,18 +58,26 @@ from align_distill.data import DataValidationError, load_rows, validate
 from align_distill.data_gen import run_job
 from align_distill.data_gen.config import CONFIGS as JOB_CONFIGS
 from align_distill.data_gen.config import load_config as load_job_config
-from align_distill.distributed import init_cpu_process_group
+from align_distill.distributed import has_accelerator, init_cpu_process_group, launched_world_size
 from align_distill.errors import ConfigError, UserError
 from align_distill.fingerprint import config_digest, path_digest
 from align_distill.hub import push_run
 from align_distill.methods import METHODS, method_module
 from align_distill.methods.run import run_method
 from align_distill.recipes import check_requirements, resolve_config
+from align_distill.redaction import redact
 from align_distill.run_files import MARKER
 
 logger = logging.getLogger(__name__)
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+# A stage name is a folder name inside the run folder: no separators, no `..`, not hidden (hidden names are the
+# pipeline's own: `.<stage>.partial`, `.<stage>.trash`).
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+FINGERPRINT_FILE = ".fingerprint"
+"""Written into a training stage's `.<stage>.partial/`: the fingerprint its checkpoints belong to."""
+# How long the other ranks wait for the main process to finish a `call` or `generate` stage.
+WAIT_TIMEOUT = timedelta(days=7)
 
 
 class PipelineError(UserError, ValueError):
@@ -67,6 +86,25 @@ class PipelineError(UserError, ValueError):
 
 KINDS = ("train", "generate", "call")
 STAGE_KEYS = ("name", "config", *KINDS)
+
+
+def check_stage_name(name: str, where: str) -> None:
+    """A PipelineError unless `name` is a plain folder name (see `_STAGE_NAME`)."""
+    if not _STAGE_NAME.fullmatch(name) or name == "run_dir":
+        raise PipelineError(
+            f"{where}: stage names must be plain names (letters, digits, `_`, `.`, `-`; not starting with `.`; "
+            f"not `run_dir`): found {name!r}"
+        )
+
+
+def duration(seconds: float) -> str:
+    """`41 s`, `2 min 10 s`, `1 h 2 min`."""
+    total = int(round(seconds))
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        return f"{total // 60} min {total % 60} s"
+    return f"{total // 3600} h {total % 3600 // 60} min"
 
 
 def _suggestion(name: str, names: list[str]) -> str:
@@ -89,6 +127,7 @@ class Stage:
             where = source.where(("stages", index))
             raise PipelineError(f"{where}: stage #{index + 1}: expected a mapping with a `name`, found {raw!r}")
         name = str(raw["name"])
+        check_stage_name(name, f"{source.where(('stages', index, 'name'))}: stage #{index + 1}")
         here = source.within("stages", index, context=f"stage `{name}`")
         kinds = [k for k in KINDS if k in raw]
         unknown = [key for key in raw if key not in STAGE_KEYS]
@@ -132,6 +171,8 @@ class Pipeline:
         self.run_dir = Path(run_dir)
         self.stages = stages
         self.source = source or Source()
+        for position, stage in enumerate(stages, start=1):
+            check_stage_name(stage.name, f"{self.source.where()}: stage #{position}")
         names = [s.name for s in stages]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
@@ -142,6 +183,7 @@ class Pipeline:
                     where = "a later stage" if ref in names else f"not a stage{_suggestion(ref, names)}"
                     raise PipelineError(f"{stage.config_source().where()}: references ${{{ref}}}, which is {where}")
         self._fingerprints: dict[str, str] = {}
+        self._inputs: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def from_recipe(
@@ -169,7 +211,9 @@ class Pipeline:
 
         return _walk_strings(stage.config, substitute)
 
-    def fingerprint(self, stage: Stage) -> str:
+    def fingerprint_inputs(self, stage: Stage) -> dict[str, Any]:
+        """What a stage's fingerprint hashes: its kind, target, config, the fingerprints of the stages it references
+        and the digest of every local file or folder outside the run folder that its config names."""
         resolved = self.resolve(stage)
         inputs: dict[str, str] = {}
 
@@ -182,48 +226,97 @@ class Pipeline:
             return text
 
         _walk_strings(resolved, note_file)
-        payload = {
+        return {
             "kind": stage.kind,
             "target": stage.target,
             "config": stage.config,
             "upstream": {ref: self._fingerprints[ref] for ref in references(stage)},
             "files": inputs,
         }
-        return config_digest(payload)
+
+    def fingerprint(self, stage: Stage) -> str:
+        return config_digest(self.fingerprint_inputs(stage))
+
+    def _record(self, stage: Stage) -> dict[str, Any] | None:
+        marker = self.stage_dir(stage.name) / MARKER
+        if not marker.is_file():
+            return None
+        try:
+            return json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return None
 
     def is_complete(self, stage: Stage, fingerprint: str) -> bool:
-        marker = self.stage_dir(stage.name) / MARKER
-        if not marker.exists():
-            return False
-        return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+        record = self._record(stage)
+        return record is not None and record.get("fingerprint") == fingerprint
 
     def run(self, from_stage: str | None = None, only: list[str] | None = None) -> dict[str, Path]:
+        """Run the stages that are not complete. Launched on several processes (`torchrun`, `accelerate launch`),
+        only the main process creates, renames and deletes folders, runs `call` and `generate` stages and writes the
+        stage records; every process runs the `train` stages; the others wait at each step and follow the main
+        process's decisions."""
         names = [s.name for s in self.stages]
         for name in [from_stage, *(only or [])]:
             if name is not None and name not in names:
                 raise PipelineError(f"unknown stage {name!r}; stages are {names}")
         forced = set(names[names.index(from_stage) :]) if from_stage else set()
         self.check_configs()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.validate_inputs()
+        ranks = Ranks.start()
+        ranks.on_main(self._open_run_dir, "preparing the run folder")
+        ranks.on_main(self.validate_inputs, "validating the training data")
         outputs: dict[str, Path] = {}
+        started_run = time.time()
         for position, stage in enumerate(self.stages, start=1):
-            fingerprint = self.fingerprint(stage)
-            self._fingerprints[stage.name] = fingerprint
             outputs[stage.name] = self.stage_dir(stage.name)
             label = f"[{position}/{len(self.stages)}] {stage.name}"
-            if only is not None and stage.name not in only:
-                if not self.is_complete(stage, fingerprint):
-                    raise PipelineError(f"{label}: not complete, but a stage in --only needs it; run it first")
+            action, detail = ranks.on_main(lambda stage=stage: self._decide(stage, forced, only), "checking stages")
+            if action == "missing":
+                raise PipelineError(f"{label}: not complete, but a stage in --only needs it; run it first")
+            if action == "skip":
+                ranks.say(f"{label}: done (fingerprint {detail[:10]}), skipped")
                 continue
-            if stage.name not in forced and self.is_complete(stage, fingerprint):
-                print(f"{label}: done (fingerprint {fingerprint[:10]}), skipped", flush=True)
+            if action != "run":
                 continue
-            print(f"{label}: running {stage.kind} {stage.target}", flush=True)
+            ranks.say(f"{label}: running {stage.kind} {stage.target} ({detail})")
             started = time.time()
-            self._run_stage(stage, fingerprint)
-            print(f"{label}: finished in {time.time() - started:.0f}s", flush=True)
+            self._run_stage(stage, ranks)
+            now = time.time()
+            ranks.say(f"{label}: finished in {duration(now - started)}, {duration(now - started_run)} elapsed")
         return outputs
+
+    def _open_run_dir(self) -> None:
+        """Create the run folder and finish deleting what a killed run was deleting (`.<name>.trash`)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for trash in self.run_dir.glob(".*.trash"):
+            _delete(self._inside(trash, "delete"))
+
+    def _decide(self, stage: Stage, forced: set[str], only: list[str] | None) -> tuple[str, str]:
+        """(action, detail) for a stage on the main process: ("skip", fingerprint), ("run", why), ("missing", "")
+        or ("needed", "") (complete, not in --only)."""
+        inputs = self.fingerprint_inputs(stage)
+        fingerprint = config_digest(inputs)
+        self._fingerprints[stage.name] = fingerprint
+        self._inputs[stage.name] = inputs
+        record = self._record(stage)
+        complete = record is not None and record.get("fingerprint") == fingerprint
+        if only is not None and stage.name not in only:
+            return ("needed", "") if complete else ("missing", "")
+        if stage.name in forced:
+            return "run", "forced by --from"
+        if complete:
+            return "skip", fingerprint
+        return "run", self._why(stage, record, inputs, fingerprint)
+
+    def _why(self, stage: Stage, record: dict[str, Any] | None, inputs: dict[str, Any], fingerprint: str) -> str:
+        if record is None:
+            mark = self._partial(stage) / FINGERPRINT_FILE
+            if stage.kind == "train" and mark.is_file() and mark.read_text().strip() == fingerprint:
+                return "interrupted before; resuming"
+            return "not run before"
+        old = record.get("inputs")
+        if not isinstance(old, dict):
+            return "fingerprint changed"
+        return explain_change(old, redact(json.loads(json.dumps(inputs, default=str))))
 
     def check_configs(self) -> None:
         """Build every stage's config as the stage will (references replaced by the folders they will be), so that
@@ -255,28 +348,197 @@ class Pipeline:
         if problems:
             raise DataValidationError(problems)
 
-    def _run_stage(self, stage: Stage, fingerprint: str) -> None:
-        final = self.stage_dir(stage.name)
-        partial = self.run_dir / f".{stage.name}.partial"
-        if partial.exists() and stage.kind != "generate":
-            shutil.rmtree(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.mkdir(parents=True, exist_ok=True)
+    def _partial(self, stage: Stage) -> Path:
+        return self.run_dir / f".{stage.name}.partial"
+
+    def _run_stage(self, stage: Stage, ranks: Ranks) -> None:
+        partial = self._partial(stage)
+        if stage.kind != "train":  # `call` and `generate`: the main process only; the others wait for it
+            ranks.on_main(lambda: self._run_on_main(stage), f"in stage `{stage.name}`")
+            return
+        checkpoint = ranks.on_main(lambda: self._prepare(stage), f"preparing stage `{stage.name}`")
         config = self.resolve(stage)
-        result = RUNNERS[stage.kind](stage, config, partial)
+        run_config = config if checkpoint is None else {**config, "resume_from_checkpoint": checkpoint}
+        if checkpoint is not None and "resume_from_checkpoint" not in config:
+            ranks.say(f"  resuming from {checkpoint}")
+        result = RUNNERS[stage.kind](stage, run_config, partial)
+        ranks.barrier()  # every rank is done with the partial folder before it is renamed
+        ranks.on_main(lambda: self._finish(stage, config, result, checkpoint), f"finishing stage `{stage.name}`")
+
+    def _run_on_main(self, stage: Stage) -> None:
+        self._prepare(stage)
+        config = self.resolve(stage)
+        self._finish(stage, config, RUNNERS[stage.kind](stage, config, self._partial(stage)), None)
+
+    def _prepare(self, stage: Stage) -> str | None:
+        """Clear the stage's folders for a run (main process); the checkpoint a training stage resumes from.
+
+        The finished folder goes first (renamed out of the way, so it never looks complete half-deleted). The
+        partial folder is kept by a `generate` stage (its store resumes exactly once) and by a `train` stage whose
+        checkpoints belong to the same fingerprint; otherwise it is cleared."""
+        final, partial = self.stage_dir(stage.name), self._partial(stage)
+        self._remove(final)
+        mark = partial / FINGERPRINT_FILE
+        fingerprint = self._fingerprints[stage.name]
+        same = mark.is_file() and mark.read_text().strip() == fingerprint
+        if not (stage.kind == "generate" or (stage.kind == "train" and same)):
+            self._remove(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        if stage.kind != "train":
+            return None
+        mark.write_text(fingerprint)
+        return last_checkpoint(partial) if same else None
+
+    def _finish(self, stage: Stage, config: dict[str, Any], result: Any, checkpoint: str | None) -> None:
+        """Write the stage record (secrets redacted) and rename the partial folder into place (main process)."""
+        partial = self._partial(stage)
         record = {
             "stage": stage.name,
             "kind": stage.kind,
             "target": stage.target,
-            "fingerprint": fingerprint,
+            "fingerprint": self._fingerprints[stage.name],
+            "inputs": self._inputs[stage.name],
             "config": config,
             "result": result if isinstance(result, (dict, list, str, int, float)) else None,
         }
+        if checkpoint is not None:
+            record["resumed_from"] = Path(checkpoint).name
+        (partial / FINGERPRINT_FILE).unlink(missing_ok=True)
         tmp = partial / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.write_text(json.dumps(redact(json.loads(json.dumps(record, default=str))), indent=2))
         os.replace(tmp, partial / MARKER)
-        os.replace(partial, final)
+        os.replace(self._inside(partial, "rename"), self._inside(self.stage_dir(stage.name), "rename"))
+
+    def _inside(self, path: Path, action: str) -> Path:
+        """`path`, after checking that it resolves to an entry directly inside the run folder (a PipelineError
+        otherwise): every path the pipeline deletes or renames goes through here first."""
+        root = self.run_dir.resolve()
+        if path.resolve().parent != root:
+            raise PipelineError(
+                f"refusing to {action} {path}: it resolves to {path.resolve()}, which is not inside the run folder "
+                f"{root}"
+            )
+        return path
+
+    def _remove(self, path: Path) -> None:
+        """Delete a folder inside the run folder. It is first renamed to `.<name>.trash`, so a process killed while
+        deleting leaves a trash folder (removed by the next run), never a stage folder that looks complete."""
+        if not path.exists() and not path.is_symlink():
+            return
+        self._inside(path, "delete")
+        trash = self._inside(self.run_dir / f".{path.name.lstrip('.')}.trash", "delete")
+        if trash.exists() or trash.is_symlink():  # left by a killed run
+            _delete(trash)
+        os.replace(path, trash)
+        _delete(trash)
+
+
+def _delete(path: Path) -> None:
+    """A folder with its contents; a link or a file by itself (a link is never followed)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest complete `checkpoint-N` in `folder` (as `transformers.trainer_utils.get_last_checkpoint`, but
+    the Trainer writes `trainer_state.json` last, so a checkpoint without it was cut short by a kill), or None."""
+    found = []
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return str(max(found)[1]) if found else None
+
+
+def explain_change(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """Why a stage reruns, from its recorded fingerprint inputs (`old`) and the current ones (`new`): `config key
+    `learning_rate` changed; upstream stage `teacher_sft` changed; input file data/pairs.jsonl changed`."""
+    reasons = []
+    for key in ("kind", "target"):
+        if old.get(key) != new.get(key):
+            reasons.append(f"{key} changed ({old.get(key)} → {new.get(key)})")
+    before, after = _flatten(old.get("config") or {}), _flatten(new.get("config") or {})
+    for key in sorted(before.keys() | after.keys()):
+        if key not in before:
+            reasons.append(f"config key `{key}` added")
+        elif key not in after:
+            reasons.append(f"config key `{key}` removed")
+        elif before[key] != after[key]:
+            reasons.append(f"config key `{key}` changed")
+    for kind, name in (("upstream", "upstream stage `{}`"), ("files", "input file {}")):
+        before, after = old.get(kind) or {}, new.get(kind) or {}
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key) != after.get(key):
+                what = "added" if key not in before else "no longer found" if key not in after else "changed"
+                reasons.append(f"{name.format(key)} {what}")
+    if not reasons:
+        return "fingerprint changed"
+    more = f"; and {len(reasons) - limit} more" if len(reasons) > limit else ""
+    return "; ".join(reasons[:limit]) + more
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Ranks:
+    """The processes of a launch (`torchrun`, `accelerate launch`, `deepspeed`) as the pipeline sees them: the main
+    process (rank 0) does every file-system change and runs `call` / `generate` stages; the others wait for it at a
+    gloo barrier with a long timeout (a generation stage can take hours, longer than NCCL's default timeout) and
+    follow its decisions. In a single process every method just runs the function."""
+
+    def __init__(self, group: Any = None, rank: int = 0):
+        self.group = group
+        self.rank = rank
+        self.main = rank == 0
+
+    @classmethod
+    def start(cls) -> Ranks:
+        """Join the launched processes (creating the process group the trainer will use if none exists yet)."""
+        if launched_world_size() <= 1 and not dist.is_initialized():
+            return cls()  # one process: it is the main one
+        if not dist.is_initialized():
+            if has_accelerator():
+                PartialState()  # what the trainer will use: NCCL (or the device's backend), one device per rank
+            else:
+                init_cpu_process_group()
+        if dist.get_world_size() <= 1:
+            return cls(rank=dist.get_rank())
+        return cls(dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT), dist.get_rank())
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def on_main(self, function: Callable[[], Any], what: str) -> Any:
+        """`function()` on the main process; its (picklable) result on every process. A failure on the main process
+        raises there and, as a PipelineError naming it, on the others."""
+        if self.group is None:
+            return function() if self.main else None
+        message: list[Any] = [None]
+        if self.main:
+            try:
+                message = [("ok", function())]
+            except BaseException as error:
+                dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0, group=self.group)
+                raise
+        dist.broadcast_object_list(message, src=0, group=self.group)
+        status, value = message[0]
+        if status == "error":
+            raise PipelineError(f"rank {self.rank}: the main process failed {what}: {value}")
+        return value
 
 
 def _train_arguments(stage: Stage, config: dict[str, Any], out: Path) -> tuple[Any, ...]:

@@ -115,7 +115,6 @@ def signals_stage(name: str, teacher: str, tokenizer: str) -> Any:
             "teachers": [{"name": "dpo", "model": teacher}],
             "tokenizer": tokenizer,
             "signals_top_k": 50,
-            "progress": False,
         },
     )
 
@@ -149,7 +148,6 @@ ADPA_ROLLOUT: dict[str, Any] = {
     "temperature": 0.0,
     "limit": 512,
     "backend_kwargs": {"batch_size": 64},
-    "progress": False,
 }
 
 
@@ -176,7 +174,6 @@ def adpa_stages(prefix: str, seed: int, student: str) -> list[Any]:
                 ],
                 "tokenizer": student,
                 "signals_top_k": 50,
-                "progress": False,
             },
         ),
         Stage(
