@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base-model", default=None, help="hub id to record as an adapter's base model")
     p.add_argument("--commit-message", default=None)
+    p.add_argument("--license", default=None, help="the card's license, a hub license id (e.g. apache-2.0)")
+    p.add_argument("--dry-run", action="store_true", help="write what would be uploaded, card included, locally")
+    p.add_argument("--out", default=None, help="with --dry-run: a new or empty folder (default: a temporary one)")
     p.set_defaults(tool="push")
 
     p = sub.add_parser("models", help="model tools: import a GGUF checkpoint, drop layers to make a student")

@@ -8,6 +8,7 @@ can hold a hub token), no checkpoints, no optimizer states.
 
 The token comes from `HF_TOKEN` (or a recipe's `hub_token`) or the stored `huggingface-cli login`; it goes to
 `huggingface_hub.HfApi` and nowhere else: logs, the card, the uploaded files and error messages are scrubbed of it.
+`align-distill push --dry-run` (`write_dry_run`) writes the upload folder locally instead: no network, no token.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import huggingface_hub
 
 from align_distill.model_card import render_card
-from align_distill.provenance import ProvenanceError, collect_provenance, find_model
+from align_distill.provenance import ProvenanceError, collect_provenance, find_model, publicize
 from align_distill.redaction import scrub
 from align_distill.run_files import PROVENANCE_FILE
 
@@ -70,16 +71,24 @@ def publishable_files(model_dir: Path) -> list[str]:
 
 
 def stage_publication(
-    path: str | Path, repo_id: str, out: Path, stage: str | None = None, base_model: str | None = None
+    path: str | Path,
+    repo_id: str,
+    out: Path,
+    stage: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    link: bool = True,
 ) -> dict[str, Any]:
-    """Fill `out` with exactly what is uploaded (links to the weights, the card, the record); returns the record.
+    """Fill `out` with exactly what is uploaded (the weights, the card, the record); returns the record.
 
     `base_model` (a hub id) replaces an adapter's `base_model_name_or_path`, which after local training is a local
-    folder that nobody downloading the adapter has."""
-    model_dir, _, _ = find_model(path, stage)
+    folder that nobody downloading the adapter has. `license`: the card's license (an SPDX / hub license id).
+    `link`: hard-link the weights (a temporary upload folder) instead of copying them (a dry run's folder, which
+    the user may edit without writing through into the run)."""
+    model_dir, run, _ = find_model(path, stage)
     provenance = collect_provenance(path, stage)
     for name in publishable_files(model_dir):
-        _link_or_copy(model_dir / name, out / name)
+        (_link_or_copy if link else shutil.copy2)(model_dir / name, out / name)
     if provenance["format"] == "adapter":
         config = json.loads((out / "adapter_config.json").read_text())
         if base_model:
@@ -92,8 +101,8 @@ def stage_publication(
                 "the published adapter loads anywhere",
                 config["base_model_name_or_path"],
             )
-        provenance["published_base_model"] = config.get("base_model_name_or_path")
-    (out / "README.md").write_text(render_card(provenance, repo_id))
+        provenance["published_base_model"] = publicize(config.get("base_model_name_or_path"), run)
+    (out / "README.md").write_text(render_card(provenance, repo_id, license=license))
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return provenance
 
@@ -115,17 +124,19 @@ def push_run(
     token: str | None = None,
     commit_message: str | None = None,
     base_model: str | None = None,
+    license: str | None = None,
 ) -> str:
     """Create (or reuse) `repo_id` and upload the student of `path` with its card; returns the commit URL.
 
     `path` is a pipeline run folder (its last finished training stage, or `stage`), one stage folder, or a training
-    output folder. `revision` is a branch, created from main when missing. `base_model`: see `stage_publication`.
+    output folder. `revision` is a branch, created from main when missing. `base_model`, `license`: see
+    `stage_publication`.
     """
     token = resolve_token(token)
     secrets = [token]
     try:
         with tempfile.TemporaryDirectory(prefix="align-distill-push-") as tmp:
-            provenance = stage_publication(path, repo_id, Path(tmp), stage, base_model)
+            provenance = stage_publication(path, repo_id, Path(tmp), stage, base_model, license)
             files = sorted(p.name for p in Path(tmp).iterdir())
             target = f"{repo_id}@{revision}" if revision else repo_id
             logger.info("pushing %d files to %s: %s", len(files), target, ", ".join(files))
@@ -155,6 +166,27 @@ def push_run(
     return url
 
 
+def write_dry_run(
+    path: str | Path,
+    repo_id: str,
+    out: str | Path | None = None,
+    stage: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write exactly what `push_run` would upload (copies of the weights, the card, the record) into `out` (new or
+    empty; default: a new temporary folder) and return it. No network, no token."""
+    if out is None:
+        target = Path(tempfile.mkdtemp(prefix="align-distill-push-dry-run-"))
+    else:
+        target = Path(out).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise PushError(f"{target}: --out must be a new or empty folder")
+        target.mkdir(parents=True, exist_ok=True)
+    stage_publication(path, repo_id, target, stage, base_model, license, link=False)
+    return target
+
+
 def push_command(
     run_dir: str,
     repo_id: str,
@@ -163,24 +195,38 @@ def push_command(
     stage: str | None = None,
     commit_message: str | None = None,
     base_model: str | None = None,
+    license: str | None = None,
+    dry_run: bool = False,
+    out: str | None = None,
 ) -> int:
-    """`align-distill push`: 0 when pushed, 1 when the hub refused or failed, 2 when there is nothing to push."""
+    """`align-distill push`: 0 when pushed (or staged, `dry_run`), 1 when the hub refused or failed, 2 when there is
+    nothing to push. `dry_run` writes the upload folder to `out` instead (see `write_dry_run`)."""
     try:
-        url = push_run(
-            run_dir,
-            repo_id,
-            private=private,
-            revision=revision,
-            stage=stage,
-            commit_message=commit_message,
-            base_model=base_model,
-        )
+        if dry_run:
+            staged = write_dry_run(run_dir, repo_id, out, stage=stage, base_model=base_model, license=license)
+        else:
+            url = push_run(
+                run_dir,
+                repo_id,
+                private=private,
+                revision=revision,
+                stage=stage,
+                commit_message=commit_message,
+                base_model=base_model,
+                license=license,
+            )
     except ProvenanceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except PushError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if dry_run:
+        files = sorted(p.name for p in staged.iterdir())
+        print(f"dry run: nothing uploaded; what would be pushed to {repo_id} is in {staged}")
+        print(f"  {len(files)} files: {', '.join(files)}")
+        print(f"  model card: {staged / 'README.md'}")
+        return 0
     print(f"pushed {run_dir} to {repo_id}: {url}")
     return 0
 

@@ -6,8 +6,10 @@ back through the run: the student's base model, the teachers / references / judg
 a content digest for local folders), the datasets (content digests), the data-generation jobs and their sampling
 settings (with the store's fingerprint), the method's hyperparameters and the evaluation numbers.
 
-Secrets never reach the record: every value under a key that names a credential (token, api_key, password, ...)
-is replaced by "<redacted>", and so is any string that looks like a Hugging Face token.
+Secrets never reach the record (`align_distill.redaction.redact`: secret fields by exact name, credential-shaped
+values anywhere), and neither do the machine's folders: a local path is shown relative to the run folder, or as
+`local:<name>` when outside it (`publicize`). Bookkeeping settings (logging, saving, dataloader, hub, ...) are left
+out of the hyperparameters (`is_hyperparameter`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import align_distill
 from align_distill.fingerprint import model_digest
+from align_distill.methods.run import framework_versions
 from align_distill.redaction import redact
 from align_distill.run_files import EVAL_FILE, MARKER, RUN_RECORD
 
@@ -37,15 +40,32 @@ DATASET_KEYS = (
     "teacher_signals_path",
 )
 SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "max_completion_length", "max_new_tokens", "stop", "seed")
-# Paths and bookkeeping that say nothing about the method: left out of the hyperparameter table.
+# Paths and bookkeeping that say nothing about the method: left out of the hyperparameter table (exact names, then
+# prefixes). The models and datasets are listed on their own, with identities.
 NOT_HYPERPARAMETERS = {
-    "output_dir",
-    "logging_dir",
-    "run_name",
-    "model_name_or_path",
-    "dataset_name",
-    "dataset_path",
+    *("output_dir", "overwrite_output_dir", "run_name", "project", "model_name_or_path", "model_revision"),
+    *("accelerator_config", "parallelism_config", "debug", "report_to", "disable_tqdm", "local_rank"),
+    *("resume_from_checkpoint", "ignore_data_skip", "skip_memory_metrics", "do_train", "do_eval", "do_predict"),
+    *("use_cpu", "full_determinism", "restore_callback_states_from_checkpoint", "label_names", "progress"),
+    *("length_column_name", "enable_jit_checkpoint", "torch_empty_cache_steps", "deepspeed", "fsdp_config"),
+    *("hub_token", "trust_remote_code", "attn_implementation", "eval_on_start", "batch_eval_metrics"),
+    *DATASET_KEYS,
 }
+NOT_HYPERPARAMETER_PREFIXES = ("logging_", "log_", "save_", "dataloader_", "hub_", "push_to_hub", "ddp_", "trackio_")
+NOT_HYPERPARAMETER_PREFIXES += ("eval_do_", "eval_use_", "include_", "torch_compile_")
+FRAMEWORKS_SHOWN = ("torch", "transformers", "trl", "peft", "align-distill")
+VISION_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+_ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
+
+
+def is_hyperparameter(key: str) -> bool:
+    """Whether a config key says something about the method (not a path, a model, logging or saving bookkeeping)."""
+    return (
+        key not in NOT_HYPERPARAMETERS
+        and not key.startswith(NOT_HYPERPARAMETER_PREFIXES)
+        and not _FROZEN_MODEL_KEY.match(key)
+        and not key.endswith("_revision")
+    )
 
 
 class ProvenanceError(ValueError):
@@ -107,6 +127,29 @@ class Run:
         return sorted(seen, key=lambda stage: self.stages[stage]["_mtime"])
 
 
+def public_path(value: str | Path, run: Run) -> str:
+    """A local path as the published record shows it: relative to the run folder when inside it, else
+    `local:<name>`. The machine's folders stay private; the content digest recorded next to it identifies the data."""
+    path = Path(value).expanduser()
+    if run.root is not None:
+        try:
+            return str(path.resolve().relative_to(run.root))
+        except (OSError, ValueError):
+            pass
+    return f"local:{path.name}"
+
+
+def publicize(value: Any, run: Run) -> Any:
+    """`value` with every string that is an absolute local path replaced by its `public_path`."""
+    if isinstance(value, dict):
+        return {k: publicize(v, run) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [publicize(v, run) for v in value]
+    if isinstance(value, str) and "\n" not in value and len(value) < 4096 and _ABSOLUTE.match(value):
+        return public_path(value, run)
+    return value
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -135,7 +178,7 @@ def describe_model(run: Run, value: str, revision: str | None = None, depth: int
         return record
     path = Path(value).expanduser()
     if path.exists():
-        return {"path": str(path.resolve()), "sha256": model_digest(path)}
+        return {"path": public_path(path, run), "sha256": model_digest(path)}
     return {"hub_id": value, "revision": revision or "unpinned (main at training time)"}
 
 
@@ -171,7 +214,7 @@ def describe_dataset(run: Run, value: str) -> dict[str, Any]:
         record["stage"] = name
         record["path"] = str(path.relative_to(run.root))
     elif path.exists():
-        record["path"] = str(path.resolve())
+        record["path"] = public_path(path, run)
     else:
         return {"hub_id": value}
     if path.exists():
@@ -227,7 +270,8 @@ def collect_provenance(path: str | Path, stage: str | None = None) -> dict[str, 
         "method": method,
         "format": "adapter" if (model_dir / "adapter_config.json").exists() else "model",
         "stage": stage_name,
-        "hyperparameters": {k: v for k, v in sorted(config.items()) if k not in NOT_HYPERPARAMETERS},
+        "pipeline_tag": "image-text-to-text" if _is_vision(model_dir) else "text-generation",
+        "hyperparameters": {k: v for k, v in sorted(config.items()) if is_hyperparameter(k)},
         "student": _student(run, config, model_dir),
         "teachers": _teachers(run, config, stage_name),
         "datasets": _datasets(run, config, stage_name),
@@ -238,8 +282,15 @@ def collect_provenance(path: str | Path, stage: str | None = None) -> dict[str, 
             name: {k: run.stages[name].get(k) for k in ("kind", "target", "fingerprint")}
             for name in ([*run.upstream(stage_name), stage_name] if stage_name else [])
         },
+        "framework_versions": run_record.get("framework_versions") or framework_versions(),
     }
-    return redact(provenance)
+    return publicize(redact(provenance), run)
+
+
+def _is_vision(model_dir: Path) -> bool:
+    """A vision-language student: processor files next to it, or a `vision_config` in its config."""
+    config = _read_json(model_dir / "config.json") or {}
+    return any((model_dir / name).exists() for name in VISION_FILES) or "vision_config" in config
 
 
 def _read_json(path: Path) -> Any:

@@ -7,6 +7,7 @@ it records every call and keeps a copy of every uploaded file.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import secrets
@@ -15,10 +16,13 @@ import string
 import traceback
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
 REPO_ID = "my-org/tiny-dckd"
+REAL_HF_API = huggingface_hub.HfApi
 
 
 def fake_token() -> str:
@@ -26,31 +30,40 @@ def fake_token() -> str:
 
 
 class FakeHfApi:
-    """Records what align-distill asks of the hub; `fail_with` makes upload_folder raise."""
+    """Records what align-distill asks of the hub; `fail_with` makes upload_folder raise.
+
+    Every call is bound against the signature of the real `HfApi` method it stands for, so a renamed or removed
+    argument fails the test as it would fail against the hub."""
 
     calls: list[tuple[str, dict]] = []
     uploaded: dict[str, bytes] = {}
     fail_with: Exception | None = None
 
-    def __init__(self, **kwargs):
-        self.calls.append(("init", kwargs))
+    def _record(self, name: str, *args, **kwargs) -> dict:
+        bound = inspect.signature(getattr(REAL_HF_API, name)).bind(self, *args, **kwargs)
+        arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
+        self.calls.append(("init" if name == "__init__" else name, arguments))
+        return arguments
 
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
+    def __init__(self, *args, **kwargs):
+        self._record("__init__", *args, **kwargs)
 
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+    def create_repo(self, *args, **kwargs):
+        arguments = self._record("create_repo", *args, **kwargs)
+        return f"https://huggingface.co/{arguments['repo_id']}"
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
+    def create_branch(self, *args, **kwargs):
+        self._record("create_branch", *args, **kwargs)
+
+    def upload_folder(self, *args, **kwargs):
+        arguments = self._record("upload_folder", *args, **kwargs)
         if self.fail_with is not None:
             raise self.fail_with
-        folder = Path(kwargs["folder_path"])
+        folder = Path(arguments["folder_path"])
         type(self).uploaded = {p.name: p.read_bytes() for p in folder.iterdir()}
 
         class Commit:
-            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/0123abc"
+            commit_url = f"https://huggingface.co/{arguments['repo_id']}/commit/0123abc"
 
         return Commit()
 
@@ -67,8 +80,6 @@ class FakeHfApi:
 
 @pytest.fixture
 def hub(monkeypatch):
-    import huggingface_hub
-
     FakeHfApi.reset()
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     return FakeHfApi
@@ -167,9 +178,11 @@ def test_push_uploads_adapter_tokenizer_card_and_record(pipeline_run, hub, tiny_
 
     card = hub.uploaded["README.md"].decode()
     record = json.loads(hub.uploaded["align_distill.json"])
-    front = yaml.safe_load(card.split("---")[1])
-    assert front["library_name"] == "peft" and {"align-distill", "dckd", "lora"} <= set(front["tags"])
-    assert front["base_model"] == "my-org/tiny-base"
+    front = ModelCard(card).data
+    assert front.library_name == "peft" and {"align-distill", "dckd", "lora"} <= set(front.tags)
+    assert front.base_model == "my-org/tiny-base" and front.base_model_relation == "adapter"
+    assert front.eval_results and front.eval_results[0].metric_type == "reward"
+    assert str(pipeline_run) not in card and str(Path(tiny_models["student"]).parent) not in card
     assert f"align-distill {__version__}" in card and record["align_distill_version"] == __version__
     assert "**dckd**" in card and record["method"] == "dckd" and record["format"] == "adapter"
     # hyperparameters of the method
@@ -177,11 +190,11 @@ def test_push_uploads_adapter_tokenizer_card_and_record(pipeline_run, hub, tiny_
     assert "| lora_r | 4 |" in card and "| learning_rate | 0.001 |" in card
     # student base (a local folder: identified by a content digest)
     base = record["student"]["base"]
-    assert base["path"] == str(Path(tiny_models["student"]).resolve()) and len(base["sha256"]) == 64
+    assert base["path"] == "local:student" and len(base["sha256"]) == 64  # no folder of the machine
     assert f"sha256:{base['sha256'][:16]}" in card
     # the teacher behind the signal cache
     (teacher,) = [t for t in record["teachers"] if t["role"] == "signals: signals teacher dpo"]
-    assert teacher["model"]["path"] == str(Path(tiny_models["teacher"]).resolve())
+    assert teacher["model"]["path"] == "local:teacher"
     assert teacher["chain"] in card
     # datasets with fingerprints: the pairs file by content, the signal store by its job fingerprint
     datasets = {d["role"]: d for d in record["datasets"]}
@@ -216,7 +229,7 @@ def test_push_never_reveals_the_token(pipeline_run, hub, recipe_secret, monkeypa
         assert secret not in output
         for name, content in hub.uploaded.items():
             assert secret.encode() not in content, f"{name} contains a secret"
-    assert "<redacted>" in hub.uploaded["README.md"].decode()  # the recipe's hub_token, as the card shows it
+    assert "hub_token" not in hub.uploaded["README.md"].decode()  # the recipe's hub_token: not a setting of the card
 
     # a hub error that quotes the token: the command's message and the exception are scrubbed
     hub.reset()
@@ -252,7 +265,8 @@ def test_push_refuses_pickle_weights(tmp_path, hub, capsys):
 @pytest.mark.slow
 def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub, monkeypatch, caplog):
     """`push_to_hub: true` in a recipe: the Trainer's own push is off, align-distill records the run and pushes the
-    model + tokenizer + card once, privately, to hub_model_id."""
+    model + tokenizer + card once, privately, to hub_model_id. The recipe's `hub_token` reaches the hub client only:
+    no file of the run (training_args.bin, checkpoints, records) holds it."""
     from trl import TrlParser
 
     from align_distill.hub import push_run
@@ -260,29 +274,37 @@ def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub,
     from align_distill.methods.run import run_method
     from align_distill.quickstart import write_data
 
-    token = fake_token()
-    monkeypatch.setenv("HF_TOKEN", token)
+    token, env_token = fake_token(), fake_token()
+    monkeypatch.setenv("HF_TOKEN", env_token)
     caplog.set_level(logging.DEBUG)
     write_data(tmp_path, n_sft=8, n_pairs=4, n_prompts=4)
     recipe = {
         "model_name_or_path": str(tiny_models["student"]),
         "dataset_name": str(tmp_path / "sft.jsonl"),
         "output_dir": str(tmp_path / "out"),
-        "max_steps": 1,
+        "max_steps": 2,
         "per_device_train_batch_size": 4,
         "max_length": 64,
         "bf16": False,
-        "save_strategy": "no",
+        "save_strategy": "steps",
+        "save_steps": 1,
         "disable_tqdm": True,
         "push_to_hub": True,
         "hub_model_id": "my-org/tiny-sft",
         "hub_private_repo": True,
+        "hub_token": token,
     }
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
     module = method_module("sft")
     parsed = TrlParser(module.DATACLASSES).parse_args_and_config(args=["--config", str(tmp_path / "sft.yaml")])
     run_method("sft", module, parsed, publish=push_run)
     assert parsed[1].push_to_hub is False  # the Trainer's own push (repo at start, training_args.bin) stayed off
+    assert hub.call("init")["token"] == token  # the recipe's token, handed to the hub client
+
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    names = {p.relative_to(tmp_path / "out").as_posix() for p in written}
+    assert {"training_args.bin", "checkpoint-1/training_args.bin", "checkpoint-2/training_args.bin"} <= names
+    assert [p for p in written if token.encode() in p.read_bytes()] == []
 
     assert hub.call("create_repo") == {
         "repo_id": "my-org/tiny-sft",
@@ -296,33 +318,77 @@ def test_recipe_push_to_hub_publishes_after_training(tiny_models, tmp_path, hub,
     record = json.loads((tmp_path / "out" / "align_distill_run.json").read_text())
     assert record["method"] == "sft" and record["result"]["train_loss"] > 0
     config = record["args"]["AlignDistillSFTConfig"]
-    assert config["max_steps"] == 1 and config["hub_model_id"] == "my-org/tiny-sft" and "adam_beta1" not in config
+    assert config["max_steps"] == 2 and config["hub_model_id"] == "my-org/tiny-sft" and "adam_beta1" not in config
     assert record["args"]["ModelConfig"] == {"model_name_or_path": str(tiny_models["student"])}
     card = hub.uploaded["README.md"].decode()
-    assert "**sft**" in card and "library_name: transformers" in card
-    assert token not in caplog.text and all(token.encode() not in c for c in hub.uploaded.values())
+    assert "**sft**" in card
+    assert ModelCard(card).data.library_name == "transformers"
+    for secret in (token, env_token):
+        assert secret not in caplog.text and all(secret.encode() not in c for c in hub.uploaded.values())
 
 
-def test_redact_hides_credentials_and_token_shaped_strings():
-    from align_distill.redaction import REDACTED, redact
+def test_fake_hub_binds_calls_against_the_real_hfapi_signatures(hub):
+    """A renamed or misplaced argument fails here as it would against huggingface_hub."""
+    api = hub(token="x", library_name="align-distill")
+    api.create_repo("o/n", private=True, repo_type="model", exist_ok=True)
+    with pytest.raises(TypeError):
+        api.create_repo("o/n", privat=True)
+    with pytest.raises(TypeError):
+        api.create_branch("o/n", "v1")  # branch is keyword-only
+    with pytest.raises(TypeError):
+        api.upload_folder("o/n", folder_path=".")  # every upload_folder argument is keyword-only
+    with pytest.raises(TypeError):
+        hub(tokn="x")
+    assert [name for name, _ in hub.calls] == ["init", "create_repo"]
 
-    token = fake_token()
-    data = {
-        "hub_token": "anything",
-        "backend_kwargs": {"api_key": "sk-123", "base_url": "http://x"},
-        "teachers": [{"model": "a", "api_key_env": "MY_KEY"}],
-        "note": f"token {token} in a message",
-        "max_steps": 3,
-        "push_to_hub_token": None,
+
+def test_push_dry_run_writes_the_upload_and_card_locally(tmp_path, hub, monkeypatch, capsys):
+    """`align-distill push RUN --repo-id X --dry-run --out DIR`: exactly the upload, locally, with no hub client and
+    no token; the run folder is left untouched."""
+    from align_distill.cli import main
+    from tests.test_model_card import HUB_TOKEN, make_fake_run
+
+    def no_token():
+        raise AssertionError("a dry run needs no token")
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", no_token)
+    run = make_fake_run(tmp_path / "machine")
+    student = run / "student"
+    before = {p: p.read_bytes() for p in student.rglob("*") if p.is_file()}
+    out = tmp_path / "staged"
+    argv = ["push", str(run), "--repo-id", REPO_ID, "--dry-run", "--out", str(out), "--base-model", "my-org/base"]
+    assert main([*argv, "--license", "mit"]) == 0
+    printed = capsys.readouterr().out
+    assert "dry run" in printed and str(out) in printed and str(out / "README.md") in printed
+    assert hub.calls == []  # no client, no network
+
+    files = {p.name for p in out.iterdir()}
+    assert files == {
+        *("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+        *("README.md", "align_distill.json"),
     }
-    assert redact(data) == {
-        "hub_token": REDACTED,
-        "backend_kwargs": {"api_key": REDACTED, "base_url": "http://x"},
-        "teachers": [{"model": "a", "api_key_env": REDACTED}],
-        "note": f"token {REDACTED} in a message",
-        "max_steps": 3,
-        "push_to_hub_token": None,
-    }
+    assert all(not (out / name).is_symlink() and (out / name).stat().st_nlink == 1 for name in files)  # copies
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/base"
+    assert (out / "adapter_model.safetensors").read_bytes() == (student / "adapter_model.safetensors").read_bytes()
+    card = (out / "README.md").read_text()
+    assert ModelCard(card).data.license == "mit" and ModelCard(card).data.base_model == "my-org/base"
+    assert str(tmp_path) not in card + (out / "align_distill.json").read_text()
+    assert all(HUB_TOKEN.encode() not in (out / name).read_bytes() for name in files)
+    assert {p: p.read_bytes() for p in student.rglob("*") if p.is_file()} == before
+
+    # the same upload as a real push
+    monkeypatch.setenv("HF_TOKEN", fake_token())
+    assert main(["push", str(run), "--repo-id", REPO_ID, "--base-model", "my-org/base", "--license", "mit"]) == 0
+    assert set(hub.uploaded) == files
+    assert hub.uploaded["README.md"].decode() == card
+
+    # --out must be new or empty; without it, a fresh temporary folder
+    assert main(argv) == 1 and "new or empty" in capsys.readouterr().err
+    assert main(["push", str(run), "--repo-id", REPO_ID, "--dry-run"]) == 0
+    staged = Path(capsys.readouterr().out.split(" is in ", 1)[1].splitlines()[0])
+    assert (staged / "README.md").exists() and staged != out
+    shutil.rmtree(staged)
 
 
 def test_push_stage_is_a_pipeline_call(monkeypatch, tmp_path):

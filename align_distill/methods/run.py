@@ -6,6 +6,7 @@ the recipe asks (`push_to_hub: true`). The CLI's `train` and the pipeline's `tra
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ from typing import Any
 import align_distill
 from align_distill.redaction import redact
 from align_distill.run_files import RUN_RECORD
+
+FRAMEWORKS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 Publish = Callable[..., Any]
 """`hub.push_run(path, repo_id, private=, revision=, token=)`: passed in by the caller (hub sits above methods)."""
@@ -58,6 +61,7 @@ def record_training_run(output_dir: str | Path, method: str, parsed: Sequence[An
         "align_distill_version": align_distill.__version__,
         "args": args,
         "result": redact(result),
+        "framework_versions": framework_versions(),
     }
     path = Path(output_dir) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +69,17 @@ def record_training_run(output_dir: str | Path, method: str, parsed: Sequence[An
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def framework_versions() -> dict[str, str]:
+    """The installed versions of the libraries a run depends on (those installed), for the run record and card."""
+    found = {"align-distill": align_distill.__version__}
+    for name in FRAMEWORKS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def set_fields(values: Any) -> dict[str, Any]:
@@ -97,6 +112,10 @@ def run_method(method: str, module: Any, parsed: Sequence[Any], publish: Publish
     from the main process, after the final save."""
     training_args = next((a for a in parsed if hasattr(a, "output_dir") and hasattr(a, "push_to_hub")), None)
     request = PushRequest.take_from(training_args) if training_args is not None else None
+    if training_args is not None and getattr(training_args, "hub_token", None) is not None:
+        # the Trainer pickles its arguments into training_args.bin (output folder and every checkpoint): the token
+        # lives on in the push request only, so that no file the run writes holds it
+        training_args.hub_token = None
     result = module.main(*parsed)
     if training_args is None or not _is_main_process():
         return result
