@@ -18,7 +18,7 @@ from align_distill.data import DataValidationError
 from align_distill.data_gen.config import CONFIGS, ConfigError, describe, load_config
 from align_distill.data_gen.jobs import run_job
 from align_distill.data_gen.store import StoreError
-from align_distill.errors import debug_enabled
+from align_distill.errors import UserError, debug_enabled
 
 USAGE = (
     "usage: align-distill generate <job> --config job.yaml [--key value ...] [--overwrite]\n"
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     try:
         output = run_job(kind, config)
-    except (DataValidationError, ConfigError, ConnectionError) as error:
+    except (DataValidationError, UserError, ConnectionError) as error:
         if debug_enabled():
             raise
         print(f"error: {error}", file=sys.stderr)

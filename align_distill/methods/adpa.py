@@ -89,5 +89,7 @@ def main(data_args: ADPADataArguments, training_args: ADPAConfig, model_args: Mo
             evaluation = join_chosen(evaluation, data_args.preference_path, data_args.dataset_test_split)
     else:
         evaluation = None
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
+    )
     return train_student(ADPATrainer, model_args, training_args, tokenizer, train, evaluation)

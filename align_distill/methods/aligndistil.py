@@ -46,7 +46,9 @@ def main(data_args: DataArguments, training_args: AlignDistilConfig, model_args:
             "align-distill train aligndistil: set teacher_model_name_or_path (the DPO model) and "
             "reference_model_name_or_path (the reverse-DPO model)"
         )
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
+    )
     _check_tokenizers(
         tokenizer,
         {

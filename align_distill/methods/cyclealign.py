@@ -27,7 +27,9 @@ def main(data_args: DataArguments, training_args: CycleAlignConfig, model_args: 
     require_dataset(data_args, "cyclealign")
     if not training_args.black_box:
         raise SystemExit("align-distill train cyclealign: set `black_box` (kind: llm | noisy_oracle | ...)")
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
+    )
     columns = ("id", "prompt", "chosen", "rejected") if training_args.dataset_responses else ("id", "prompt")
     prompts, _ = load_method_dataset(data_args, DATA_FORMAT, tokenizer, None, columns)
     dtype = model_args.dtype or "auto"

@@ -21,7 +21,9 @@ DATACLASSES = (DataArguments, DCKDConfig, ModelConfig)
 def main(data_args: DataArguments, training_args: DCKDConfig, model_args: ModelConfig) -> dict:
 
     require_dataset(data_args, "dckd")
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
+    )
     train, evaluation = load_method_dataset(
         data_args, DATA_FORMAT, tokenizer, training_args.max_length, ("id", "prompt", "chosen", "rejected")
     )

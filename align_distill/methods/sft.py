@@ -39,7 +39,9 @@ DATACLASSES = (DataArguments, AlignDistillSFTConfig, ModelConfig)
 def main(data_args: DataArguments, training_args: AlignDistillSFTConfig, model_args: ModelConfig) -> dict:
 
     require_dataset(data_args, "sft")
-    tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
+    )
     train, evaluation = load_method_dataset(
         data_args, DATA_FORMAT, tokenizer, training_args.max_length, ("prompt", "completion")
     )

@@ -9,6 +9,7 @@ once and write a folder that every loader (transformers, vLLM, `load_model`) rea
 from __future__ import annotations
 
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align_distill.models.loading import DTYPES, check_output_folder, write_model_folder
 
 GGUF_MAGIC = b"GGUF"
+
+#: what GGUF readers (the `gguf` package, transformers' own reader) raise on a file that ends early
+_TRUNCATED = (struct.error, EOFError, IndexError, OverflowError, ValueError, KeyError)
 
 
 def find_gguf_file(gguf_path: str | os.PathLike) -> Path:
@@ -37,6 +41,28 @@ def find_gguf_file(gguf_path: str | os.PathLike) -> Path:
     if magic != GGUF_MAGIC:
         raise ValueError(f"{str(path)!r} is not a GGUF file: it starts with {magic!r}, expected {GGUF_MAGIC!r}")
     return path
+
+
+def check_gguf_complete(gguf_file: Path) -> None:
+    """Read the whole header and tensor table (the `gguf` package's reader, a memory map: no tensor data is
+    copied) and check that every tensor lies inside the file, so a download cut short fails here, naming the file,
+    instead of with a bare `struct.error` deep inside a reader."""
+    from gguf import GGUFReader  # optional extra `gguf`: only when importing a GGUF file
+
+    size = gguf_file.stat().st_size
+    try:
+        reader = GGUFReader(gguf_file)
+        ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
+    except _TRUNCATED as error:
+        raise ValueError(
+            f"{str(gguf_file)!r} is truncated or not a GGUF file ({size} bytes; reading its header failed: "
+            f"{type(error).__name__}: {error})"
+        ) from None
+    if ends and max(ends) > size:
+        raise ValueError(
+            f"{str(gguf_file)!r} is truncated or not a GGUF file: its tensors need {max(ends)} bytes, the file has "
+            f"{size}"
+        )
 
 
 def _require_gguf_package() -> None:
@@ -67,11 +93,14 @@ def import_gguf(
     check_output_folder(out_dir)
     _require_gguf_package()
     gguf_file = find_gguf_file(gguf_path)
+    check_gguf_complete(gguf_file)
     folder, name = str(gguf_file.parent), gguf_file.name
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
+    except (struct.error, EOFError, IndexError, OverflowError) as error:
+        raise ValueError(f"{str(gguf_file)!r} is truncated or not a GGUF file ({error})") from error
     except (ValueError, NotImplementedError, KeyError) as error:
         raise ValueError(f"transformers cannot read GGUF file {str(gguf_file)!r}: {error}") from error
 

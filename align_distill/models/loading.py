@@ -21,6 +21,8 @@ from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from align_distill.errors import UserError
+
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
     "float32": torch.float32,
@@ -89,8 +91,12 @@ def _offline() -> bool:
     return False
 
 
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model or tokenizer path that is neither a local folder nor a reachable hub id: the user's to fix."""
+
+
 def resolve_source(path: str | os.PathLike, revision: str | None = None, what: str = "model") -> str:
-    """Return `path` as transformers should receive it, or raise FileNotFoundError before any hub lookup.
+    """Return `path` as transformers should receive it, or raise ModelNotFoundError before any hub lookup.
 
     A local-looking path must exist. A hub id is passed through, unless the hub is offline and the id is not in
     the local cache, which would otherwise surface as a generic connection error deep inside transformers.
@@ -99,12 +105,12 @@ def resolve_source(path: str | os.PathLike, revision: str | None = None, what: s
     local = Path(text).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise FileNotFoundError(f"{what} path {text!r} is a file; expected a folder with config and weights")
+            raise ModelNotFoundError(f"{what} path {text!r} is a file; expected a folder with config and weights")
         return str(local)
     if not _HUB_ID.match(text):
-        raise FileNotFoundError(f"{what} folder {text!r} does not exist (resolved to {local.resolve()})")
+        raise ModelNotFoundError(f"{what} folder {text!r} does not exist (resolved to {local.resolve()})")
     if _offline() and not _in_hub_cache(text, revision):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{what} {text!r} is not a local folder (checked {local.resolve()}) and, with HF_HUB_OFFLINE=1, "
             f"a hub id must already be in the local cache (revision {revision or 'main'!r}); it is not. "
             "Download it first, or pass a local folder."
@@ -136,16 +142,69 @@ def _require_safetensors(folder: Path) -> None:
         raise SafetensorsRequiredError(f"model folder {str(folder)!r} has a config.json but no *.safetensors weights")
 
 
+def check_weights(path: str | os.PathLike, revision: str | None = None, what: str = "model") -> str:
+    """The one loading policy, called by every loader (`load_model`, the transformers and vLLM backends, the
+    reward-model judge, `models merge`): resolve the source (clear path errors before any hub lookup) and refuse a
+    local folder without safetensors weights. Returns the source to hand to the loader with `loading_kwargs()`
+    (transformers) or `vllm_loading_kwargs()` (vLLM), which enforce the same rule for hub ids."""
+    source = resolve_source(path, revision, what=what)
+    if Path(source).is_dir():
+        _require_safetensors(Path(source))
+    return source
+
+
+def loading_kwargs(trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments of the policy: safetensors only, remote code only when asked."""
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    return kwargs
+
+
+def vllm_loading_kwargs(
+    engine_kwargs: dict[str, Any] | None = None, trust_remote_code: bool = False, revision: str | None = None
+) -> dict[str, Any]:
+    """`vllm.LLM` arguments of the policy: `engine_kwargs` with `load_format="safetensors"` and
+    `trust_remote_code` set. An explicit `load_format` other than safetensors (or vLLM's "auto", which would fall
+    back to pickle files) is an error."""
+    kwargs = dict(engine_kwargs or {})
+    load_format = kwargs.pop("load_format", "safetensors")
+    if load_format not in ("safetensors", "auto"):
+        raise ValueError(
+            f"vLLM load_format={load_format!r} is refused: align-distill loads safetensors only, because "
+            "unpickling a checkpoint can run arbitrary code (omit load_format, or convert the checkpoint)"
+        )
+    kwargs.update(load_format="safetensors", trust_remote_code=trust_remote_code)
+    if revision is not None:
+        kwargs["revision"] = revision
+    return kwargs
+
+
+def check_adapter_weights(folder: str | os.PathLike) -> None:
+    """The policy for a PEFT adapter folder: `adapter_model.safetensors`, never a pickled `adapter_model.bin`."""
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").exists():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    raise SafetensorsRequiredError(
+        f"adapter folder {str(folder)!r} has no adapter_model.safetensors"
+        + (f", only pickle weights ({', '.join(pickles)})" if pickles else "")
+        + "; align-distill loads safetensors only, because unpickling a checkpoint can run arbitrary code"
+    )
+
+
 def load_tokenizer(
     path: str | os.PathLike,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    what: str = "tokenizer",
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad: batches in every method are padded, many tokenizers ship no pad.
 
     A missing pad token becomes the EOS token (the TRL convention); the attention mask keeps it out of the loss.
+    `what` names the path in errors ("model" when the tokenizer is read from a model folder).
     """
-    source = resolve_source(path, revision, what="tokenizer")
+    source = resolve_source(path, revision, what=what)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
@@ -179,16 +238,8 @@ def load_model(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     if frozen and peft_config is not None:
         raise ValueError("load_model: frozen=True and a peft_config were both given; a frozen model trains no adapter")
-    source = resolve_source(path, revision, what="model")
-    if Path(source).is_dir():
-        _require_safetensors(Path(source))
-    kwargs: dict[str, Any] = {
-        "dtype": DTYPES[dtype],
-        "trust_remote_code": trust_remote_code,
-        "use_safetensors": True,
-    }
-    if revision is not None:
-        kwargs["revision"] = revision
+    source = check_weights(path, revision, what="model")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], **loading_kwargs(trust_remote_code, revision)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = model_class.from_pretrained(source, **kwargs)

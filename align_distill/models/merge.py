@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from align_distill.run_files import EVAL_FILE, RUN_RECORD
 
-from .loading import load_model, load_tokenizer
+from .loading import check_adapter_weights, load_model, load_tokenizer
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, dtype: str = "auto") -> Path:
@@ -30,7 +30,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     base = base or json.loads(config_path.read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{config_path} names no base_model_name_or_path; pass the base model explicitly")
-    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter_dir))
+    check_adapter_weights(adapter_dir)
+    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter_dir), use_safetensors=True)
     merged = model.merge_and_unload()
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -186,3 +186,112 @@ def test_write_model_folder_is_all_or_nothing(tmp_path):
     with write_model_folder(out, overwrite=True) as tmp:
         (tmp / "weights.safetensors").write_text("x")
     assert sorted(p.name for p in out.iterdir()) == ["weights.safetensors"]
+
+
+# -- one loading policy for every loader ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pickle_only(tiny_models, tmp_path_factory):
+    """A model folder (config, tokenizer) whose weights are only `pytorch_model.bin` (transformers 5 saves
+    safetensors even with `safe_serialization=False`, so the pickle is written by hand)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("pickle_only")
+    model = load_model(tiny_models["student"])
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny_models["student"]).save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    return folder
+
+
+def _refused(info, folder) -> None:
+    message = str(info.value)
+    assert str(folder) in message and "pytorch_model.bin" in message and "safetensors only" in message
+
+
+def test_the_policy_helpers():
+    from align_distill.models.loading import loading_kwargs, vllm_loading_kwargs
+
+    assert loading_kwargs() == {"use_safetensors": True, "trust_remote_code": False}
+    assert loading_kwargs(trust_remote_code=True, revision="v1") == {
+        "use_safetensors": True, "trust_remote_code": True, "revision": "v1"
+    }  # fmt: skip
+    assert vllm_loading_kwargs() == {"load_format": "safetensors", "trust_remote_code": False}
+    assert vllm_loading_kwargs({"load_format": "auto"}, revision="v1") == {
+        "load_format": "safetensors", "trust_remote_code": False, "revision": "v1"
+    }  # fmt: skip
+    for bad in ("pt", "gguf", "dummy"):
+        with pytest.raises(ValueError, match=f"load_format={bad!r}.*safetensors only"):
+            vllm_loading_kwargs({"load_format": bad})
+
+
+def test_transformers_backend_refuses_pickle_weights(pickle_only):
+    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+
+    with pytest.raises(SafetensorsRequiredError) as info:
+        TransformersGenerator(str(pickle_only), device="cpu")
+    _refused(info, pickle_only)
+
+
+def test_reward_model_judge_refuses_pickle_weights(pickle_only):
+    from align_distill.data_gen.judges import RewardModelJudge
+
+    with pytest.raises(SafetensorsRequiredError) as info:
+        RewardModelJudge(str(pickle_only), device="cpu")
+    _refused(info, pickle_only)
+
+
+def test_vllm_backend_refuses_pickle_weights_and_asks_for_safetensors(pickle_only, tiny_models, monkeypatch):
+    """Before vLLM is even imported; and the engine is always built with load_format='safetensors'."""
+    import sys
+    import types
+
+    from align_distill.data_gen.backends.vllm_backend import VLLMGenerator
+
+    built: list[dict] = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            raise RuntimeError("engine built")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setitem(
+        sys.modules,
+        "vllm.platforms",
+        types.SimpleNamespace(current_platform=types.SimpleNamespace(is_cpu=lambda: True)),
+    )
+    with pytest.raises(SafetensorsRequiredError) as info:
+        VLLMGenerator(str(pickle_only))
+    _refused(info, pickle_only)
+    assert built == []
+    with pytest.raises(RuntimeError, match="engine built"):
+        VLLMGenerator(str(tiny_models["student"]), load_format="auto")
+    assert built[0]["load_format"] == "safetensors" and built[0]["trust_remote_code"] is False
+    with pytest.raises(ValueError, match="load_format='pt'"):
+        VLLMGenerator(str(tiny_models["student"]), load_format="pt")
+
+
+def test_merge_refuses_pickle_weights(pickle_only, tiny_models, tmp_path):
+    from peft import get_peft_model
+
+    from align_distill.models.merge import merge_adapter
+
+    adapter = tmp_path / "adapter"
+    lora = LoraSettings(r=2, alpha=4, target_modules=["q_proj"]).to_peft_config()
+    get_peft_model(load_model(tiny_models["student"]), lora).save_pretrained(adapter)
+    with pytest.raises(SafetensorsRequiredError) as info:  # a pickled base
+        merge_adapter(adapter, tmp_path / "out", base=str(pickle_only))
+    _refused(info, pickle_only)
+    pickled = tmp_path / "pickled_adapter"
+    shutil.copytree(adapter, pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    with pytest.raises(SafetensorsRequiredError) as info:  # a pickled adapter
+        merge_adapter(pickled, tmp_path / "out", base=str(tiny_models["student"]))
+    assert "adapter_model.bin" in str(info.value) and str(pickled) in str(info.value)
+    assert not (tmp_path / "out").exists()

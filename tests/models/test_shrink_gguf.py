@@ -345,3 +345,15 @@ def test_vllm_loads_the_imported_folder(tiny_llama_gguf, tiny_tokenizer, tmp_pat
         logits = load_model(out)(input_ids=torch.tensor([ids])).logits[0, :-1]
     expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(vllm_logprobs), expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("keep", [4, 10, 23, 0.5])
+def test_truncated_gguf_is_a_clear_error_naming_the_file(tiny_llama_gguf, tmp_path, keep):
+    """A download cut short: the header (magic, version, counts, key/values) ends early."""
+    data = tiny_llama_gguf[1].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(ValueError, match=r"cut\.gguf.*truncated or not a GGUF file"):
+        import_gguf(cut, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert import_gguf_command(str(cut), str(tmp_path / "out")) == 1

