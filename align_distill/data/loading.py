@@ -1,4 +1,5 @@
-"""Reading datasets from local files (jsonl, json, parquet, csv), `save_to_disk` folders or the hub.
+"""Reading datasets from local files (jsonl, json, parquet, csv), `save_to_disk` folders, the stores that
+`align-distill generate` writes (see `stores.py`) or the hub.
 
 Text files are parsed here rather than by `datasets.load_dataset`, so that a bad line or a cell of the wrong type is
 reported with its file, row and column instead of a pyarrow cast error, and nothing is written to a cache.
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .problems import DataProblem, DataValidationError
+from .stores import StoreError, is_store, read_store
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -37,7 +39,8 @@ Records = Sequence[dict[str, Any]]
 
 
 def load_rows(source: str, split: str = "train", config: str | None = None) -> datasets.Dataset:
-    """Read `source` (a data file, a `save_to_disk` folder or a hub dataset name) as a `datasets.Dataset`.
+    """Read `source` (a data file, a `save_to_disk` folder, a `generate` store or a hub dataset name) as a
+    `datasets.Dataset`.
 
     Raises DataValidationError naming the file (and row and column where known) when it is missing, unreadable or
     corrupt, or when a column mixes types that one arrow column cannot hold. `config` is a hub dataset's
@@ -55,6 +58,8 @@ def read_records(source: str, split: str = "train", config: str | None = None) -
     if config is not None and (path.exists() or _looks_like_path(source)):
         _fail(source, f"`dataset_config` ({config!r}) names a hub dataset's configuration; local data has none")
     if path.is_dir():
+        if is_store(path):
+            return _read_store_folder(source, path, split)
         return _read_saved_folder(source, path, split)
     if path.is_file():
         if split != "train":
@@ -294,12 +299,22 @@ def _decode_cell(cell: str) -> Any:
     return cell
 
 
+def _read_store_folder(source: str, path: Path, split: str) -> datasets.Dataset:
+    """A `generate` store: exactly the committed rows its manifests list, in input order."""
+    if split != "train":
+        _fail(source, f"a generate store holds one split (train); split {split!r} was asked for")
+    try:
+        return read_store(path)
+    except StoreError as error:
+        _fail(source, f"cannot read generate store: {error}")
+
+
 def _read_saved_folder(source: str, path: Path, split: str) -> datasets.Dataset:
     if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         _fail(
             source,
-            "folder is not a datasets.save_to_disk folder (no dataset_info.json or dataset_dict.json); "
-            f"for data files, give the file path ({', '.join(FILE_SUFFIXES)})",
+            "folder is not a datasets.save_to_disk folder (no dataset_info.json or dataset_dict.json) nor a "
+            f"generate store (no manifest.json); for data files, give the file path ({', '.join(FILE_SUFFIXES)})",
         )
     try:
         loaded = datasets.load_from_disk(str(path))

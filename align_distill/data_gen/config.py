@@ -75,7 +75,12 @@ class JobConfig:
     part: int = _help("This process's part (0-based) when `num_parts` processes split the inputs.", 0)
     num_parts: int = _help("Number of parts; part I takes the I-th contiguous slice of the inputs.", 1)
     overwrite: bool = _help("Discard an existing store made by a different job instead of failing.", False)
-    progress: bool = _help("Show a progress bar (rows/s, tokens/s).", True)
+    progress: bool = _help("Show a progress bar (rows/s, tokens/s); off by itself when not on a terminal.", True)
+    lock_kind: Literal["flock", "soft"] | None = _help(
+        "Store part locks: flock (default; released by the OS when a writer dies) or soft (a lock file, for "
+        "filesystems whose flock is node-local). Default: $ALIGN_DISTILL_STORE_LOCK or flock.",
+        None,
+    )
 
     def check(self) -> None:
         where = f"{type(self).__name__}"

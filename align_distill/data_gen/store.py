@@ -13,7 +13,26 @@ Exactly-once, by construction:
 - Each job processes its inputs in input order and commits whole inputs, so the inputs of a part that are done are
   exactly those in its manifest, and a rerun skips them: no input row lost, none duplicated.
 - The manifest records the job fingerprint; reopening with a different one is an error unless `overwrite=True`.
-- One process per part at a time: an advisory lock (released by the OS when the process dies, even on SIGKILL).
+- One process per part at a time: a lock file `.lock-IIIII-of-NNNNN` per part, taken with `filelock` (see "Locks"
+  below), removed when the writer closes the store.
+- `overwrite=True` deletes other parts only while holding their locks: a part still being written (by any process,
+  with any `num_parts`) makes the overwrite fail with an error naming that part; it is never deleted under a writer.
+- An OS error while writing a shard or manifest (e.g. ENOSPC) is re-raised naming the file, the shard and the part,
+  after removing the temp file; the committed state is the last manifest, as after a crash.
+
+Locks (`lock_kind`, or the environment variable ALIGN_DISTILL_STORE_LOCK; default "flock"):
+- "flock": `filelock.FileLock`, an OS advisory lock (flock), released by the OS when the process dies, even on
+  SIGKILL; a leftover lock file after a crash is harmless. Falls back to a soft lock on filesystems without flock
+  (ENOSYS). Use it on local disks and on shared filesystems whose flock is coherent across nodes (NFSv4, Lustre
+  mounted with `-o flock`, GPFS).
+- "soft": `filelock.SoftFileLock`, the lock file's existence (created exclusively, holding pid and host). Works on
+  any shared filesystem, but a process killed without cleanup leaves a stale lock file: a writer on the same host
+  reclaims it when that pid is dead; from another node it is reported as held, and must be deleted by hand once
+  no writer of that part runs. Use it where flock is node-local (Lustre `-o localflock`, NFS `local_lock=flock`)
+  and silently fails to exclude writers on other nodes.
+
+The read side of the format (recognising a store, reading its committed shards in order) is
+`align_distill.data.stores`, shared with `load_rows`, `data validate` and the trainers.
 
 Parts: part I of N owns the contiguous range of input positions `[I·M // N, (I+1)·M // N)` for M input rows (see
 `part_range`); contiguous, so each part's output is one run of the input order and the parts' shards merge by a
@@ -29,7 +48,7 @@ that the manifest does not list: `load_store` reads only listed shards).
 from __future__ import annotations
 
 import base64
-import fcntl
+import contextlib
 import hashlib
 import json
 import os
@@ -39,21 +58,50 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, SoftFileLock, Timeout
 
-FORMAT = "align-distill-store"
-VERSION = 1
-DATA_DIR = "data"
-INPUT_INDEX = "input_index"
-"""Column every output row carries: the position of the input row it came from (sort key of `load_store`)."""
+from align_distill.data.stores import (
+    DATA_DIR,
+    FORMAT,
+    INPUT_INDEX,
+    VERSION,
+    StoreError,
+    decode_schema,
+    manifest_name,
+    read_manifest,
+    read_manifests,
+    read_store,
+    store_files,
+)
 
-_MANIFEST_RE = re.compile(r"^manifest(?:-(\d{5})-of-(\d{5}))?\.json$")
+LOCK_KINDS = ("flock", "soft")
+LOCK_KIND_ENV = "ALIGN_DISTILL_STORE_LOCK"
+"""Environment variable giving the default `lock_kind` ("flock" or "soft") of every store opened for writing."""
 
+_LOCK_RE = re.compile(r"^\.lock-(\d{5})-of-(\d{5})$")
+_PART_FILE_RE = re.compile(r"^\.?part-(\d{5})-of-(\d{5})-shard-")
 
-class StoreError(RuntimeError):
-    """The store folder is missing, damaged, incomplete or locked."""
+__all__ = [
+    "DATA_DIR",
+    "FORMAT",
+    "INPUT_INDEX",
+    "LOCK_KINDS",
+    "VERSION",
+    "FingerprintMismatch",
+    "ShardedStore",
+    "StoreError",
+    "atomic_write_bytes",
+    "describe_mismatch",
+    "fingerprint_digest",
+    "load_store",
+    "manifest_name",
+    "part_range",
+    "read_manifests",
+    "store_files",
+    "store_metadata",
+]
 
 
 class FingerprintMismatch(StoreError):
@@ -67,10 +115,6 @@ def part_range(num_inputs: int, part: int, num_parts: int) -> range:
     return range(part * num_inputs // num_parts, (part + 1) * num_inputs // num_parts)
 
 
-def manifest_name(part: int, num_parts: int) -> str:
-    return "manifest.json" if num_parts == 1 else f"manifest-{part:05d}-of-{num_parts:05d}.json"
-
-
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -79,13 +123,76 @@ def atomic_write_bytes(path: Path, data: bytes, sync_dir: bool = True) -> None:
     """Write `data` to `path` through a temp file + fsync + rename, so a reader never sees a partial file.
     `sync_dir` also makes the rename itself survive a power loss."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     if sync_dir:
         _fsync_dir(path.parent)
+
+
+def _located(error: OSError, path: Path, what: str) -> OSError:
+    """`error` re-raised as the same kind of OSError whose message names the file and what was being written:
+    `[Errno 28] No space left on device: out/data/x.parquet while writing shard 3 of part 0`."""
+    reason = error.strerror or str(error)
+    message = f"{reason}: {path} while writing {what}"
+    return OSError(error.errno, message) if error.errno is not None else OSError(message)  # OSError picks the subclass
+
+
+def resolve_lock_kind(lock_kind: str | None = None) -> str:
+    """`lock_kind`, else $ALIGN_DISTILL_STORE_LOCK, else "flock"; checked against LOCK_KINDS."""
+    kind = lock_kind or os.environ.get(LOCK_KIND_ENV) or "flock"
+    if kind not in LOCK_KINDS:
+        source = "lock_kind" if lock_kind else LOCK_KIND_ENV
+        raise ValueError(f"{source} must be one of {', '.join(LOCK_KINDS)}; got {kind!r}")
+    return kind
+
+
+def lock_name(part: int, num_parts: int) -> str:
+    return f".lock-{part:05d}-of-{num_parts:05d}"
+
+
+class PartLock:
+    """The lock of one part of a store (`.lock-IIIII-of-NNNNN` in the store folder), taken without waiting."""
+
+    def __init__(self, folder: Path, part: int, num_parts: int, kind: str):
+        self.path = folder / lock_name(part, num_parts)
+        self.part, self.num_parts, self.kind = part, num_parts, kind
+        lock_class = SoftFileLock if kind == "soft" else FileLock
+        self._lock = lock_class(str(self.path), timeout=0, thread_local=False)
+
+    def acquire(self) -> None:
+        """Take the lock, or raise StoreError saying the part is being written (or its soft lock is stale)."""
+        try:
+            self._lock.acquire()
+        except Timeout as error:
+            stale = (
+                f" If no process writes this part any more (a writer killed while holding a soft lock), delete "
+                f"{self.path} and retry."
+                if self.kind == "soft"
+                else ""
+            )
+            raise StoreError(
+                f"{self.path.parent}: part {self.part} of {self.num_parts} is being written by another process "
+                f"(lock {self.path.name} held: {error}); run each part once at a time.{stale}"
+            ) from None
+
+    def release(self) -> None:
+        """Release the lock and remove its file. A flock file is unlinked while still held, so a process that
+        opened the old file cannot lock it after us (filelock re-checks the link count after locking)."""
+        if not self._lock.is_locked:
+            return
+        if self.kind == "flock":
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._lock.release(force=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -141,8 +248,10 @@ class ShardedStore:
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
         order_by: Sequence[str] = (INPUT_INDEX,),
+        lock_kind: str | None = None,
     ):
         part_range(0, part, num_parts)  # validates part / num_parts
+        self.lock_kind = resolve_lock_kind(lock_kind)
         self.path = Path(path)
         self.part, self.num_parts = part, num_parts
         self.fingerprint = fingerprint
@@ -151,15 +260,8 @@ class ShardedStore:
         self.manifest_path = self.path / manifest_name(part, num_parts)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / DATA_DIR).mkdir(exist_ok=True)
-        self._lock = open(self.path / f".lock-{part:05d}-of-{num_parts:05d}", "w")  # noqa: SIM115 - held open
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise StoreError(
-                f"{self.path}: part {part} of {num_parts} is being written by another process (lock held); "
-                "run each part once at a time"
-            ) from None
+        self._lock = PartLock(self.path, part, num_parts, self.lock_kind)
+        self._lock.acquire()
         try:
             self._open(overwrite, metadata or {}, list(order_by))
         except BaseException:
@@ -169,7 +271,7 @@ class ShardedStore:
     # -- opening ------------------------------------------------------------------------------------------------
     def _open(self, overwrite: bool, metadata: dict[str, Any], order_by: list[str]) -> None:
         others = [m for m in read_manifests(self.path, strict=False) if m["_file"] != self.manifest_path.name]
-        mine = _read_manifest(self.manifest_path) if self.manifest_path.exists() else None
+        mine = read_manifest(self.manifest_path) if self.manifest_path.exists() else None
         stale = [m for m in others if m.get("fingerprint_sha256") != self.digest or m["num_parts"] != self.num_parts]
         if mine is not None and mine.get("fingerprint_sha256") != self.digest:
             stale.append(mine)
@@ -182,8 +284,9 @@ class ShardedStore:
                 "Pass overwrite=True (--overwrite) to discard it, or write to another output folder."
             )
         if overwrite:
-            for manifest in stale + ([mine] if mine is not None else []):
-                self._remove_part(manifest)
+            self._overwrite(others, stale)
+            if mine is not None:
+                self._remove_part(self.part, self.num_parts)
             mine = None
         self.manifest = mine or {
             "format": FORMAT,
@@ -207,12 +310,45 @@ class ShardedStore:
             i for shard in self.manifest["shards"] for start, stop in shard["inputs"] for i in range(start, stop)
         }
 
-    def _remove_part(self, manifest: dict[str, Any]) -> None:
-        """Delete a part's shards (also orphans of that part) and then its manifest."""
-        prefix = f"part-{manifest['part']:05d}-of-{manifest['num_parts']:05d}-shard-"
-        for file in (self.path / DATA_DIR).glob(f"{prefix}*.parquet"):
-            file.unlink()
-        (self.path / manifest["_file"]).unlink(missing_ok=True)
+    def _overwrite(self, others: list[dict[str, Any]], stale: list[dict[str, Any]]) -> None:
+        """Delete the other parts that `overwrite` discards, each under its own lock: every part laid out with
+        another `num_parts` (found by its manifest, shard, temp or lock files), and parts of this layout whose
+        manifest holds another job. Parts of this layout and job (siblings of a multi-node run) are left alone.
+        If any of these parts is locked, nothing is deleted and StoreError names it."""
+        doomed = {(m["part"], m["num_parts"]) for m in stale if m["_file"] != self.manifest_path.name}
+        found = {(m["part"], m["num_parts"]) for m in others}
+        for folder, pattern in ((self.path, _LOCK_RE), (self.path / DATA_DIR, _PART_FILE_RE)):
+            for file in folder.iterdir():
+                match = pattern.match(file.name)
+                if match:
+                    found.add((int(match.group(1)), int(match.group(2))))
+        doomed |= {(part, num_parts) for part, num_parts in found if num_parts != self.num_parts}
+        doomed.discard((self.part, self.num_parts))
+        held: list[PartLock] = []
+        try:
+            for part, num_parts in sorted(doomed):
+                lock = PartLock(self.path, part, num_parts, self.lock_kind)
+                try:
+                    lock.acquire()
+                except StoreError as error:
+                    raise StoreError(f"cannot overwrite: {error}") from None
+                held.append(lock)
+            for part, num_parts in sorted(doomed):
+                self._remove_part(part, num_parts)
+        finally:
+            for lock in held:
+                lock.release()
+
+    def _remove_part(self, part: int, num_parts: int) -> None:
+        """Delete a part's shards (also orphans and temp files of that part) and then its manifest; the caller
+        holds the part's lock."""
+        prefix = f"part-{part:05d}-of-{num_parts:05d}-shard-"
+        data = self.path / DATA_DIR
+        for file in [*data.glob(f"{prefix}*.parquet"), *data.glob(f".{prefix}*.tmp-*")]:
+            file.unlink(missing_ok=True)
+        manifest = self.path / manifest_name(part, num_parts)
+        for file in [manifest, *self.path.glob(f".{manifest.name}.tmp-*")]:
+            file.unlink(missing_ok=True)
 
     def _check_shards(self) -> None:
         for shard in self.manifest["shards"]:
@@ -280,16 +416,23 @@ class ShardedStore:
             raise StoreError(f"rows with {INPUT_INDEX} {stray[:5]} do not belong to the inputs of this shard")
         index = len(self.manifest["shards"])
         entry: dict[str, Any] = {"file": None, "num_rows": 0, "num_inputs": len(inputs), "inputs": _runs(inputs)}
+        what = f"shard {index} of part {self.part}"
+        final: Path | None = None
         if rows:  # inputs that yield no rows are committed by the manifest alone
             table = self._to_table(rows, column_types or {})
             name = f"{self.prefix}{index:05d}.parquet"
             final = self.path / DATA_DIR / name
             tmp = final.parent / f".{name}.tmp-{os.getpid()}"
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            try:
+                pq.write_table(table, tmp)
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+            except OSError as error:
+                _discard(tmp)
+                _discard(final)  # renamed but not committed: an orphan
+                raise _located(error, final, what) from error
             entry.update(
                 file=f"{DATA_DIR}/{name}",
                 num_rows=table.num_rows,
@@ -298,7 +441,13 @@ class ShardedStore:
                 bytes=final.stat().st_size,
             )
         self.manifest["shards"].append(entry)
-        self._write_manifest()  # the commit point
+        try:
+            self._write_manifest(what)  # the commit point
+        except OSError:
+            self.manifest["shards"].pop()
+            if final is not None:
+                _discard(final)  # never listed: its inputs stay pending
+            raise
         self._done.update(inputs)
         return self.path / entry["file"] if entry["file"] else None
 
@@ -321,17 +470,24 @@ class ShardedStore:
         if owned is None or len(self._done) != owned:
             raise StoreError(f"{self.manifest_path}: {len(self._done)} of {owned} inputs done; cannot finish")
         self.manifest["complete"] = True
-        self._write_manifest()
+        try:
+            self._write_manifest(f"the completion of part {self.part}")
+        except OSError:
+            self.manifest["complete"] = False
+            raise
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, what: str) -> None:
         # No directory fsync: if a power loss undoes this rename, the older manifest is still a consistent state
         # (the newest shard becomes an orphan and is redone). Shard renames are synced before the manifest lists them.
-        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=1, default=str).encode(), False)
+        data = json.dumps(self.manifest, indent=1, default=str).encode()
+        try:
+            atomic_write_bytes(self.manifest_path, data, False)
+        except OSError as error:
+            raise _located(error, self.manifest_path, f"the manifest for {what}") from error
 
     def close(self) -> None:
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        """Release the part's lock and remove the lock file."""
+        self._lock.release()
 
     def __enter__(self) -> ShardedStore:
         return self
@@ -340,59 +496,16 @@ class ShardedStore:
         self.close()
 
 
+def _discard(file: Path) -> None:
+    with contextlib.suppress(OSError):
+        file.unlink(missing_ok=True)
+
+
 def _encode_schema(schema: pa.Schema) -> str:
     return base64.b64encode(schema.serialize().to_pybytes()).decode()
 
 
-def _decode_schema(encoded: str) -> pa.Schema:
-    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded)))
-
-
-def _read_manifest(file: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise StoreError(f"{file}: unreadable manifest ({error})") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{file}: not an align-distill store manifest (format {manifest.get('format')!r})")
-    manifest["_file"] = file.name
-    return manifest
-
-
-def read_manifests(path: str | Path, strict: bool = True) -> list[dict[str, Any]]:
-    """All part manifests of the store at `path` (each with its file name under `_file`)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        if strict:
-            raise StoreError(f"{folder}: no such store folder")
-        return []
-    files = sorted(f for f in folder.iterdir() if _MANIFEST_RE.match(f.name))
-    if strict and not files:
-        raise StoreError(f"{folder}: no manifest.json (not a store, or no shard of it has finished yet)")
-    return [_read_manifest(file) for file in files]
-
-
-def store_files(path: str | Path, allow_partial: bool = False) -> tuple[list[Path], list[dict[str, Any]]]:
-    """The committed shard files of a store (parts in order, shards in commit order) and its manifests.
-
-    Raises StoreError when parts disagree, a part is missing or (unless `allow_partial`) unfinished.
-    """
-    folder = Path(path)
-    manifests = read_manifests(folder)
-    digests = {m["fingerprint_sha256"] for m in manifests}
-    counts = {m["num_parts"] for m in manifests}
-    if len(digests) > 1 or len(counts) > 1:
-        raise StoreError(f"{folder}: manifests of different jobs are mixed: {[m['_file'] for m in manifests]}")
-    num_parts = counts.pop()
-    missing = sorted(set(range(num_parts)) - {m["part"] for m in manifests})
-    unfinished = [m["_file"] for m in manifests if not m["complete"]]
-    if not allow_partial and (missing or unfinished):
-        problems = [f"parts {missing} of {num_parts} have no manifest"] if missing else []
-        problems += [f"{', '.join(unfinished)} not finished (rerun the job to resume)"] if unfinished else []
-        raise StoreError(f"{folder}: incomplete store: {'; '.join(problems)} (allow_partial=True loads what is there)")
-    manifests.sort(key=lambda m: m["part"])
-    files = [folder / shard["file"] for m in manifests for shard in m["shards"] if shard["file"]]
-    return files, manifests
+_decode_schema = decode_schema
 
 
 def store_metadata(path: str | Path) -> dict[str, Any]:
@@ -402,24 +515,5 @@ def store_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_store(path: str | Path, allow_partial: bool = False, cache_dir: str | None = None) -> datasets.Dataset:
     """The store's rows as a `datasets.Dataset` in input order (stable within an input), read with
-    `datasets.load_dataset("parquet", ...)` so the shards stay memory-mapped."""
-    files, manifests = store_files(path, allow_partial)
-    order_by = manifests[0].get("order_by", [INPUT_INDEX])
-    if not files:
-        schemas = [_decode_schema(m["schema"]) for m in manifests if m.get("schema")]
-        empty = schemas[0].empty_table() if schemas else pa.table({INPUT_INDEX: pa.array([], pa.int64())})
-        return datasets.Dataset(empty)
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Generating train split" bars for a local read are noise
-    try:
-        loaded = datasets.load_dataset(
-            "parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
-        )
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    keys = [np.asarray(loaded.data.column(column).to_numpy()) for column in order_by]
-    order = np.lexsort(keys[::-1])  # stable: rows of one input keep their order
-    if np.array_equal(order, np.arange(len(order))):
-        return loaded
-    return loaded.select(order.tolist())
+    `datasets.load_dataset("parquet", ...)` so the shards stay memory-mapped (`align_distill.data.stores`)."""
+    return read_store(path, allow_partial, cache_dir)

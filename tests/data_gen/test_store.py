@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -10,6 +11,7 @@ import signal
 import datasets
 import pytest
 
+from align_distill.data_gen import store as store_module
 from align_distill.data_gen.store import (
     FingerprintMismatch,
     ShardedStore,
@@ -170,3 +172,135 @@ def test_inputs_without_rows_and_types_of_null_columns(tmp_path):
     assert load_store(path)["note"] == [None, "x"]
     with ShardedStore(tmp_path / "t", FP) as store, pytest.raises(StoreError, match="only nulls"):
         store.append([{"input_index": 0, "note": None}], [0])
+
+
+def test_overwrite_refuses_while_a_part_of_another_layout_is_being_written(tmp_path):
+    """Reliability issue: `--overwrite` from a writer with another num_parts deleted the shards of a running job."""
+    path = tmp_path / "s"
+    other = {**FP, "model": "other", "num_parts": 2}
+    with ShardedStore(path, FP) as running:  # a job still writing (its lock held by this process)
+        running.set_num_inputs(6)
+        running.append(rows_for([0, 1, 2]), [0, 1, 2])
+        shards = sorted((path / "data").glob("*.parquet"))
+        with pytest.raises(
+            StoreError, match=r"cannot overwrite: .*part 0 of 1 is being written.*\.lock-00000-of-00001"
+        ):
+            ShardedStore(path, other, part=1, num_parts=2, overwrite=True)
+        assert sorted((path / "data").glob("*.parquet")) == shards  # nothing deleted
+        assert not (path / "manifest-00001-of-00002.json").exists()
+        running.append(rows_for([3, 4, 5]), [3, 4, 5])
+        running.finish()
+    assert load_store(path)["id"] == [f"r{i}" for i in range(6)]
+    # once the job is done, the overwrite takes its lock and replaces it
+    write_all(path, [3, 4], fingerprint=other, part=1, num_parts=2, overwrite=True)
+    assert [m["_file"] for m in read_manifests(path)] == ["manifest-00001-of-00002.json"]
+    assert [f.name for f in (path / "data").iterdir()] == ["part-00001-of-00002-shard-00000.parquet"]
+
+
+def test_overwrite_refuses_while_a_part_without_manifest_yet_is_being_written(tmp_path):
+    """A writer that has not committed its first shard has only its lock file (and maybe a temp shard)."""
+    path = tmp_path / "s"
+    with ShardedStore(path, {**FP, "num_parts": 3}, part=2, num_parts=3):
+        with pytest.raises(StoreError, match="part 2 of 3 is being written"):
+            ShardedStore(path, FP, overwrite=True)
+    ShardedStore(path, FP, overwrite=True).close()
+
+
+def test_overwrite_leaves_sibling_parts_of_the_same_job_alone(tmp_path):
+    """All nodes of a multi-node run may pass --overwrite: a running sibling part is not an obstacle."""
+    path = tmp_path / "s"
+    fp = {**FP, "num_parts": 2}
+    with ShardedStore(path, fp, part=0, num_parts=2, overwrite=True) as sibling:
+        sibling.set_num_inputs(1)
+        write_all(path, [1], fingerprint=fp, part=1, num_parts=2, overwrite=True)
+        sibling.append(rows_for([0]), [0])
+        sibling.finish()
+    assert load_store(path)["id"] == ["r0", "r1"]
+
+
+def test_lock_files_are_removed_on_close(tmp_path):
+    path = tmp_path / "s"
+    with ShardedStore(path, FP) as store:
+        assert (path / ".lock-00000-of-00001").exists()
+        store.set_num_inputs(1)
+        store.append(rows_for([0]), [0])
+    assert not list(path.glob(".lock-*"))
+    write_all(path, [0, 1], fingerprint={**FP, "x": 1}, overwrite=True)
+    assert not list(path.glob(".lock-*"))
+
+
+def test_soft_locks_exclude_writers_and_a_stale_one_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    monkeypatch.setenv("ALIGN_DISTILL_STORE_LOCK", "soft")
+    with ShardedStore(path, FP) as store:
+        assert store.lock_kind == "soft"
+        with pytest.raises(StoreError, match="another process"):
+            ShardedStore(path, FP)
+    assert not list(path.glob(".lock-*"))
+    # a soft lock left by a writer killed on another node: reported with how to clear it, never broken silently
+    (path / ".lock-00000-of-00001").write_text("12345\nother-node\n")
+    with pytest.raises(StoreError, match=r"delete .*\.lock-00000-of-00001 and retry"):
+        ShardedStore(path, FP)
+    (path / ".lock-00000-of-00001").unlink()
+    write_all(path, [0, 1])
+    assert load_store(path)["id"] == ["r0", "r1"]
+    with pytest.raises(ValueError, match="lock_kind must be one of flock, soft"):
+        ShardedStore(path, FP, lock_kind="nfs")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_writing_a_shard_names_it_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    with ShardedStore(path, FP) as store:
+        store.set_num_inputs(6)
+        store.append(rows_for([0, 1, 2]), [0, 1, 2])
+        real_write = store_module.pq.write_table
+
+        def write_half_then_fail(table, where, **kwargs):
+            real_write(table, where, **kwargs)
+            with open(where, "r+b") as handle:
+                handle.truncate(10)
+            _no_space()
+
+        monkeypatch.setattr(store_module.pq, "write_table", write_half_then_fail)
+        with pytest.raises(OSError) as caught:
+            store.append(rows_for([3, 4, 5]), [3, 4, 5])
+        assert caught.value.errno == errno.ENOSPC
+        shard = path / "data" / "part-00000-of-00001-shard-00001.parquet"
+        assert str(caught.value) == (f"[Errno 28] No space left on device: {shard} while writing shard 1 of part 0")
+        assert sorted(f.name for f in (path / "data").iterdir()) == ["part-00000-of-00001-shard-00000.parquet"]
+        assert len(json.loads((path / "manifest.json").read_text())["shards"]) == 1
+        assert store.pending(range(6)) == [3, 4, 5]
+    monkeypatch.undo()
+    write_all(path, list(range(6)))  # resumes as after a crash
+    assert load_store(path)["id"] == [f"r{i}" for i in range(6)]
+
+
+def test_disk_full_while_writing_the_manifest_names_it_and_uncommits_the_shard(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    with ShardedStore(path, FP) as store:
+        store.set_num_inputs(4)
+        store.append(rows_for([0, 1]), [0, 1])
+        real_replace = os.replace
+
+        def replace(source, target):
+            if str(target).endswith("manifest.json"):
+                _no_space()
+            real_replace(source, target)
+
+        monkeypatch.setattr(store_module.os, "replace", replace)
+        with pytest.raises(
+            OSError,
+            match=r"No space left on device: .*manifest\.json while writing the manifest for shard 1 of part 0",
+        ):
+            store.append(rows_for([2, 3]), [2, 3])
+        monkeypatch.undo()
+        assert [f.name for f in path.iterdir() if f.name.startswith(".manifest")] == []
+        assert [f.name for f in (path / "data").iterdir()] == ["part-00000-of-00001-shard-00000.parquet"]
+        assert store.pending(range(4)) == [2, 3]
+        store.append(rows_for([2, 3]), [2, 3])
+        store.finish()
+    assert load_store(path)["id"] == [f"r{i}" for i in range(4)]

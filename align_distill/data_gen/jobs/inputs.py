@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
 
-from align_distill.data import DataProblem, DataValidationError, read_records, validate
+from align_distill.data import DataProblem, DataValidationError, read_records, stores, validate
 from align_distill.data.loading import records_to_dataset
 from align_distill.data_gen.store import INPUT_INDEX, load_store
 
@@ -72,8 +71,7 @@ def _to_dataset(rows: list[dict[str, Any]], source: str) -> datasets.Dataset:
 
 def is_store(source: str) -> bool:
     """Whether `source` is the output folder of another job (read through its manifests)."""
-    folder = Path(source)
-    return folder.is_dir() and any(folder.glob("manifest*.json"))
+    return stores.is_store(source)
 
 
 def _read_store(source: str) -> datasets.Dataset:

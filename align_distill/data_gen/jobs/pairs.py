@@ -4,6 +4,8 @@ Modes: `best_vs_worst` gives one pair per prompt (ranking[0] vs ranking[-1]); `a
 ranked above j, in ranking order. With scores, a pair is kept only if score(chosen) − score(rejected) is > 0 and
 >= `min_margin`; without scores, `min_margin` > 0 is an error. Rows whose ranking failed (null) are skipped, and so
 are rows with an empty response (a sample that stopped at once: it can be ranked, but is no valid DPO response).
+A pair whose chosen and rejected responses are identical (two samples that came out the same, e.g. greedy or short
+completions) teaches nothing and is skipped; the number skipped is logged at the end.
 
 Output row: id ("{input id}:{i}>{j}", i and j 0-based completion indices), input_index, pair_index, prompt,
 chosen, rejected, chosen_index, rejected_index, and score_chosen / score_rejected / margin when scores exist.
@@ -11,6 +13,7 @@ chosen, rejected, chosen_index, rejected_index, and score_chosen / score_rejecte
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from align_distill.data_gen.config import PairsConfig, as_config
 
 from .inputs import load_inputs
 from .runner import kept_types, run_store_job
+
+logger = logging.getLogger("align_distill.data_gen")
 
 PAIR_TYPES: dict[str, pa.DataType] = {
     "input_index": pa.int64(),
@@ -89,11 +94,17 @@ def run_pairs(config: PairsConfig | dict | str | Path) -> Path:
         "judge_error",
     }
 
+    identical = 0
+
     def process(positions: list[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal identical
         out = []
         for position, row in zip(positions, rows):
             scores = row.get("scores")
-            pairs = preference_pairs(row["ranking"], scores, config.mode, config.min_margin)
+            candidates = preference_pairs(row["ranking"], scores, config.mode, config.min_margin)
+            completions = row["completions"]
+            pairs = [(i, j) for i, j in candidates if completions[i] != completions[j]]
+            identical += len(candidates) - len(pairs)
             for number, (i, j) in enumerate(pairs):
                 record = {k: v for k, v in row.items() if k not in produced}
                 record.update(
@@ -111,7 +122,7 @@ def run_pairs(config: PairsConfig | dict | str | Path) -> Path:
                 out.append(record)
         return out
 
-    return run_store_job(
+    store = run_store_job(
         "pairs",
         config,
         inputs,
@@ -120,3 +131,11 @@ def run_pairs(config: PairsConfig | dict | str | Path) -> Path:
         column_types={**kept_types(inputs, produced), **PAIR_TYPES},
         order_by=("input_index", "pair_index"),
     )
+    if identical:
+        logger.warning(
+            "%s: skipped %d pair%s whose chosen and rejected responses are identical",
+            config.input,
+            identical,
+            "" if identical == 1 else "s",
+        )
+    return store

@@ -68,6 +68,7 @@ def run_store_job(
         overwrite=config.overwrite,
         metadata=metadata,
         order_by=order_by,
+        lock_kind=getattr(config, "lock_kind", None),  # None: $ALIGN_DISTILL_STORE_LOCK, else flock
     ) as store:
         store.set_num_inputs(len(owned))
         pending = store.pending(owned)
@@ -84,7 +85,9 @@ def run_store_job(
         # order and at most one is in flight, so a crash loses at most the shards not yet committed.
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer,
-            tqdm(total=len(pending), desc=kind, unit="row", disable=not config.progress or not pending) as bar,
+            tqdm(
+                total=len(pending), desc=kind, unit="row", disable=progress_disabled(config.progress, pending)
+            ) as bar,
         ):
             in_flight: Future | None = None
             for start in range(0, len(pending), config.shard_size):
@@ -101,3 +104,9 @@ def run_store_job(
                 in_flight.result()
         store.finish()
     return Path(config.output_dir)
+
+
+def progress_disabled(progress: bool, pending: list) -> bool | None:
+    """tqdm's `disable`: off when asked or with nothing to do; None lets tqdm switch itself off when its output is not
+    a terminal (CI logs, nohup), so the bar is on by default without filling logs with redraws."""
+    return True if not progress or not pending else None

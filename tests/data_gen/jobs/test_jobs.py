@@ -161,6 +161,27 @@ def test_pairs_modes_and_margins(tmp_path):
     assert [r["id"] for r in margin] == ["q0:1>0", "q2:1>0", "q3:1>0"]
 
 
+def test_pairs_skip_and_count_identical_chosen_and_rejected(tmp_path, caplog):
+    rows = ranking_rows()
+    for row in rows:
+        row["ranking"] = [1, 2, 0]
+    rows[0]["completions"][2] = rows[0]["completions"][0]  # two samples came out the same, no scores
+    rows[3]["completions"][1] = rows[3]["completions"][2] = rows[3]["completions"][0]  # all three the same
+    source = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    with caplog.at_level("WARNING", logger="align_distill.data_gen"):
+        pairs = load_store(
+            run_job(
+                "pairs", {"input": source, "output_dir": str(tmp_path / "p"), "mode": "all_pairs", "progress": False}
+            )
+        ).to_list()
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert [p["id"] for p in pairs if p["id"].startswith(("q0:", "q3:"))] == ["q0:1>2", "q0:1>0"]
+    assert [p["pair_index"] for p in pairs if p["id"].startswith("q0:")] == [0, 1]
+    assert len(pairs) == 2 + 3 + 3 + 0
+    assert "skipped 4 pairs whose chosen and rejected responses are identical" in caplog.text
+    assert validate(pairs, "preference").ok
+
+
 def test_malformed_inputs_are_named(tmp_path, tiny_models):
     model = str(tiny_models["student"])
     missing = write_jsonl(tmp_path / "noprompt.jsonl", [{"id": "a", "question": "hi"}])
@@ -241,3 +262,15 @@ def test_generate_command(tmp_path, prompts_file, tiny_models, capsys):
     assert (
         code == 2 and "cannot reach the OpenAI-compatible server at http://127.0.0.1:9/v1" in capsys.readouterr().err
     )
+
+
+def test_progress_bar_defers_to_tqdm_off_a_terminal_and_lock_kind_is_a_job_key():
+    """`progress: true` (the default) leaves the decision to tqdm, which turns the bar off when its output is not a
+    terminal; `progress: false` or nothing to do turns it off. `lock_kind` is a job key."""
+    from align_distill.data_gen.config import SampleConfig, build_config
+    from align_distill.data_gen.jobs.runner import progress_disabled
+
+    assert progress_disabled(True, [1]) is None
+    assert progress_disabled(False, [1]) is True and progress_disabled(True, []) is True
+    config = build_config(SampleConfig, {"input": "x", "output_dir": "y", "model": "m", "lock_kind": "soft"}, "job")
+    assert config.lock_kind == "soft"
