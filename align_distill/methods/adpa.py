@@ -18,8 +18,7 @@ from trl import ModelConfig
 
 from align_distill.data import load_dataset_for
 from align_distill.data import load_rows as load_file_rows
-from align_distill.data_gen import load_store
-from align_distill.data_gen.jobs.inputs import is_store
+from align_distill.data.responses import check_response_rows
 from align_distill.models import load_tokenizer
 from align_distill.trainers.adpa import ADPAConfig, ADPATrainer
 
@@ -51,8 +50,7 @@ DATACLASSES = (ADPADataArguments, ADPAConfig, ModelConfig)
 
 def load_rows(path: str, split: str = "train") -> Any:
     """A store folder (rollout / signals) or a data file, as a `datasets.Dataset` with string ids."""
-
-    rows = load_store(path) if is_store(path) else load_file_rows(path, split)
+    rows = load_file_rows(path, split)
     if "id" not in rows.column_names:
         raise SystemExit(f"align-distill train adpa: {path} has no `id` column; use the rollout job's output")
     return rows if rows.features["id"].dtype == "string" else rows.cast_column("id", Value("string"))
@@ -74,22 +72,26 @@ def join_chosen(rows: Any, preference_path: str, split: str) -> Any:
 
 
 def main(data_args: ADPADataArguments, training_args: ADPAConfig, model_args: ModelConfig) -> dict:
-
     path = data_args.dataset_name or (training_args.signals_path if training_args.teacher_mode == "cache" else None)
     if not path:
         raise SystemExit("align-distill train adpa: set dataset_name (the student rollout store) or signals_path")
-    train = load_rows(path, data_args.dataset_train_split)
-    if data_args.preference_path:
-        train = join_chosen(train, data_args.preference_path, data_args.dataset_train_split)
-    if data_args.eval_dataset_path:
-        evaluation = load_rows(data_args.eval_dataset_path)
-    elif data_args.dataset_test_split:
-        evaluation = load_rows(path, data_args.dataset_test_split)
-        if data_args.preference_path:
-            evaluation = join_chosen(evaluation, data_args.preference_path, data_args.dataset_test_split)
-    else:
-        evaluation = None
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
     )
+
+    def rows(source: str, split: str) -> Any:
+        """The response rows of `source`, their `chosen` joined from preference_path, checked (file/row/column)."""
+        loaded = load_rows(source, split)
+        if data_args.preference_path:
+            loaded = join_chosen(loaded, data_args.preference_path, split)
+        check_response_rows(loaded, source, f"{training_args.response_column}_ids", len(tokenizer))
+        return loaded
+
+    train = rows(path, data_args.dataset_train_split)
+    if data_args.eval_dataset_path:
+        evaluation = rows(data_args.eval_dataset_path, "train")
+    elif data_args.dataset_test_split:
+        evaluation = rows(path, data_args.dataset_test_split)
+    else:
+        evaluation = None
     return train_student(ADPATrainer, model_args, training_args, tokenizer, train, evaluation)

@@ -197,3 +197,27 @@ def test_train_adpa_command_joins_chosen_by_row_id(tiny_models, adpa_data, tmp_p
     with pytest.raises(SystemExit, match="no preference row"):
         module.join_chosen(rows, str(adpa_data["root"] / "pairs.jsonl"), "train").map(lambda r: r)  # all present
         module.join_chosen(rows.map(lambda r: {"id": r["id"] + "-x"}), str(adpa_data["root"] / "pairs.jsonl"), "train")
+
+
+def test_train_adpa_checks_response_rows_before_training(tiny_models, adpa_data, tmp_path, run_method):
+    """Duplicate ids and out-of-vocabulary ids in the rollout rows stop `train adpa` with the row named, before the
+    student loads (they used to train, or crash inside compute_loss)."""
+    from align_distill.data import DataValidationError
+    from align_distill.methods import method_module
+
+    rows = method_module("adpa").load_rows(str(adpa_data["rollout"])).to_list()
+    rows[1]["id"] = rows[0]["id"]
+    rows[2]["completion_ids"] = [10**9]
+    path = write_pairs(tmp_path / "rollout.jsonl", rows)
+    with pytest.raises(DataValidationError) as error:
+        run_method(
+            "adpa",
+            model_name_or_path=str(tiny_models["student"]),
+            dataset_name=str(path),
+            teacher_mode="live",
+            teacher_model_name_or_path=str(tiny_models["teacher"]),
+            reference_model_name_or_path=str(tiny_models["student"]),
+        )
+    assert "rollout.jsonl:row 2:column id: id" in str(error.value)
+    assert "rollout.jsonl:row 3:column completion_ids: token id 1000000000 is outside" in str(error.value)
+    assert not (tmp_path / "student").exists()
