@@ -20,24 +20,37 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_results(results: dict[str, dict], path: Path) -> None:
+SMOKE_NOTE = "smoke run: toy sizes (2 training steps per stage), checks the wiring only; the scores mean nothing"
+
+
+def plot_results(results: dict[str, dict], path: Path | None = None, smoke: bool = False):
+    """Grouped bars of the three ground-truth scores per model, values on the bars; saved to `path` when given.
+    Returns the (closed) Figure. A smoke run says so in the title."""
 
     matplotlib.use("Agg")
 
     names = list(results)
+    n = results[names[0]].get("n") if names else None
     width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.5 * len(names) + 2), 4.6))
     for i, column in enumerate(COLUMNS):
         xs = [x + (i - 1) * width for x in range(len(names))]
-        ax.bar(xs, [results[n][column] for n in names], width, label=column)
+        bars = ax.bar(xs, [results[m][column] for m in names], width, label=column)
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("ground truth (greedy)")
-    ax.legend(loc="upper left", ncols=3, fontsize=8)
-    ax.set_title("align-distill quickstart: synthetic task")
+    ax.set_xlabel("model")
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("ground-truth score (greedy decoding)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    title = "Quickstart ground-truth scores on the synthetic task" + (f" ({n} held-out prompts)" if n else "")
+    if smoke:
+        title = f"SMOKE RUN — {title}\n({SMOKE_NOTE.removeprefix('smoke run: ')})"
+    ax.set_title(title, fontsize=10, color="firebrick" if smoke else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if path is not None:
+        fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def curves_section(curves: dict[str, list[dict]], png: str) -> list[str]:
@@ -68,11 +81,13 @@ def write_report(
     models: dict[str, str],
     curves: dict[str, list[dict]] | None = None,
     curves_png: str | None = None,
+    smoke: bool = False,
 ) -> None:
     n = next(iter(results.values()))["n"] if results else 0
     text = [
-        "# align-distill run report",
+        "# align-distill run report" + (" (smoke run)" if smoke else ""),
         "",
+        *([f"> **{SMOKE_NOTE[0].upper()}{SMOKE_NOTE[1:]}.**", ""] if smoke else []),
         f"Ground-truth reward on {n} held-out prompts, greedy decoding. reward = 0.5 capability + 0.5 preference.",
         "",
         results_table(results),
@@ -86,4 +101,4 @@ def write_report(
         "",
     ]
     (out_dir / "report.md").write_text("\n".join(text))
-    plot_results(results, out_dir / "reward.png")
+    plot_results(results, out_dir / "reward.png", smoke=smoke)

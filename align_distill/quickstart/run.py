@@ -49,10 +49,16 @@ def write_data(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pairs: int = 1
 
 
 def evaluate_models(
-    out_dir: Path, models: dict[str, str], n: int = 200, seed: int = 10_000, curves: str | None = None
+    out_dir: Path,
+    models: dict[str, str],
+    n: int = 200,
+    seed: int = 10_000,
+    curves: str | None = None,
+    smoke: bool = False,
 ) -> dict[str, dict]:
     """Stage `evaluate`: greedy ground-truth reward of every model; writes `eval.json`, `report.md`, `reward.png`
-    (and copies the `convergence` stage's reward-vs-steps chart into the report when `curves` names it)."""
+    (and copies the `convergence` stage's reward-vs-steps chart into the report when `curves` names it). `smoke`:
+    the report and chart say it is a smoke run (toy sizes)."""
 
     results: dict[str, dict] = {}
     for name, path in models.items():
@@ -64,7 +70,7 @@ def evaluate_models(
     if curves is not None:
         (out_dir / CURVES_PNG).write_bytes((Path(curves) / CURVES_PNG).read_bytes())
         curve_data = json.loads((Path(curves) / "curves.json").read_text())
-    write_report(out_dir, results, models, curves=curve_data, curves_png=CURVES_PNG if curves else None)
+    write_report(out_dir, results, models, curves=curve_data, curves_png=CURVES_PNG if curves else None, smoke=smoke)
     return results
 
 
@@ -97,6 +103,8 @@ def build_pipeline(
         )
         stages.append(curves)
         evaluate["curves"] = "${convergence}"
+    if smoke:  # only then, so a full run's evaluate fingerprint is unchanged
+        evaluate["smoke"] = True
     stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", evaluate))
     return Pipeline(run_dir, [_smoke(s) for s in stages] if smoke else stages)
 
