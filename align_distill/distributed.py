@@ -91,6 +91,11 @@ def init_cpu_process_group() -> Any | None:
         return None
 
     _install_gloo_fallback()
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        logger.warning(
+            "FSDP on a CPU-only machine: accelerate enables FSDP for GPU-type states only, so these processes train "
+            "as DDP over gloo (same results, no sharding); the FSDP2 config shards on GPUs (docs/scaling-out.md)"
+        )
     state = PartialState(backend="gloo")
     if not dist.is_initialized() or state.num_processes != launched_world_size():
         raise RuntimeError(

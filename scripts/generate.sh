@@ -12,6 +12,9 @@
 #   NNODES            number of nodes (1)
 #   NODE_RANK         this node's rank, 0..NNODES-1 (0)
 #   TP                vLLM tensor_parallel_size of each engine (unset: the config's value)
+#   GPU_MEMORY_UTILIZATION  vLLM gpu_memory_utilization of each engine (unset: the config's value)
+#                     TP and GPU_MEMORY_UTILIZATION are vLLM-only: they go to the job's models (each teacher of
+#                     `signals`, the judge of `rank`) whose backend is vllm, after the command-line overrides
 #   ENGINES_PER_NODE  engines started on this node, each on its own TP GPUs (1)
 #   PYTHON            the interpreter that has align_distill (python)
 #   DRY_RUN=1         print the commands instead of running them
@@ -24,7 +27,7 @@ PYTHON=${PYTHON:-python}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
 if [ $# -lt 2 ]; then
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 JOB=$1
@@ -47,21 +50,44 @@ NODE_RANK=${NODE_RANK:-0}
 ENGINES_PER_NODE=${ENGINES_PER_NODE:-1}
 NUM_PARTS=$((NNODES * ENGINES_PER_NODE))
 
-# Where the job keeps its model(s): tensor_parallel_size goes into each one's backend_kwargs.
-TP_ARGS=()
-if [ -n "${TP:-}" ]; then
-    case "$JOB" in
-        sample | rollout) TP_ARGS=(--backend_kwargs.tensor_parallel_size "$TP") ;;
-        rank) TP_ARGS=(--judge.backend_kwargs.tensor_parallel_size "$TP") ;;
-        signals)
-            TEACHERS=$("$PYTHON" -c 'import sys, yaml; print(len((yaml.safe_load(open(sys.argv[1])) or {}).get("teachers") or []))' "$CONFIG")
-            for ((t = 0; t < TEACHERS; t++)); do
-                TP_ARGS+=("--teachers.$t.backend_kwargs.tensor_parallel_size" "$TP")
-            done
-            ;;
-        pairs) ;;  # no model
-        *) echo "generate.sh: unknown job $JOB (sample, rollout, signals, rank, pairs)" >&2; exit 2 ;;
-    esac
+# vLLM-only engine arguments, each to the models of the job whose backend is vllm (a transformers or openai model
+# would reject them): one model for sample/rollout, the judge for rank, every teacher of signals. The backends are
+# the config's with the command-line overrides on top (`--teachers.1.backend vllm`).
+case "$JOB" in
+    sample | rollout | signals | rank | pairs) ;;
+    *) echo "generate.sh: unknown job $JOB (sample, rollout, signals, rank, pairs)" >&2; exit 2 ;;
+esac
+VLLM_ARGS=()
+if [ -n "${TP:-}${GPU_MEMORY_UTILIZATION:-}" ] && [ "$JOB" != pairs ]; then  # pairs: no model
+    VLLM_OUT=$("$PYTHON" -c 'import sys
+import yaml
+job, path, tp, memory, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+with open(path) as handle:
+    data = yaml.safe_load(handle) or {}
+try:  # the command line can change a backend; a malformed override is left to align-distill to report
+    from align_distill.configuration import merge, parse_overrides
+    data = merge(data, parse_overrides(overrides))
+except Exception:
+    pass
+def spec(value):  # `teacher: path` is {model: path}
+    return value if isinstance(value, dict) else {"model": value}
+if job in ("sample", "rollout"):
+    models = [("", data)]
+elif job == "rank":
+    models = [("judge.", spec(data.get("judge") or {}))]
+else:
+    models = [(f"teachers.{i}.", spec(t)) for i, t in enumerate(data.get("teachers") or [])]
+for prefix, model in models:
+    backend = model.get("backend") or "transformers"
+    if backend != "vllm":
+        print(f"generate.sh: {prefix or job + chr(32)}backend is {backend}: TP / GPU_MEMORY_UTILIZATION not passed",
+              file=sys.stderr)
+        continue
+    for key, value in (("tensor_parallel_size", tp), ("gpu_memory_utilization", memory)):
+        if value:
+            print(f"--{prefix}backend_kwargs.{key}")
+            print(value)' "$JOB" "$CONFIG" "${TP:-}" "${GPU_MEMORY_UTILIZATION:-}" "$@") || exit 2
+    [ -z "$VLLM_OUT" ] || mapfile -t VLLM_ARGS <<< "$VLLM_OUT"
 fi
 
 run() {
@@ -76,7 +102,7 @@ run() {
 pids=()
 for ((engine = 0; engine < ENGINES_PER_NODE; engine++)); do
     PART=$((NODE_RANK * ENGINES_PER_NODE + engine))
-    CMD=(align-distill generate "$JOB" --config "$CONFIG" --part "$PART" --num-parts "$NUM_PARTS" ${TP_ARGS[@]+"${TP_ARGS[@]}"} "$@")
+    CMD=(align-distill generate "$JOB" --config "$CONFIG" --part "$PART" --num-parts "$NUM_PARTS" ${VLLM_ARGS[@]+"${VLLM_ARGS[@]}"} "$@")
     if [ "$ENGINES_PER_NODE" -gt 1 ]; then
         # engine i sees GPUs [i*TP, (i+1)*TP)
         first=$((engine * ${TP:-1}))

@@ -10,8 +10,11 @@
 #   NODE_RANK       this node's rank, 0..NNODES-1 (0)
 #   MASTER_ADDR     address of node 0 (127.0.0.1)
 #   MASTER_PORT     free TCP port on node 0 (29500)
-#   ZERO            ddp | zero2 | zero3 | zero3_offload (zero3): picks the installed package's configs/accelerate/*.yaml
-#                   and configs/deepspeed/*.json; zero3_offload uses the zero3 accelerate file with the offload JSON
+#   ZERO            ddp | zero2 | zero3 | zero3_offload | fsdp2 (zero3): picks the installed package's
+#                   configs/accelerate/*.yaml and configs/deepspeed/*.json; zero3_offload uses the zero3 accelerate
+#                   file with the offload JSON; fsdp2 (PyTorch FSDP2, no DeepSpeed) needs LAUNCHER=accelerate.
+#                   With accelerate, --num_processes and an absolute --deepspeed_config_file are always passed:
+#                   the shipped accelerate files hold no process count, and their JSON path is checkout-relative
 #   ACCELERATE_CONFIG, DS_CONFIG   explicit files (or names: deepspeed/zero3.json) instead of the ZERO choice
 #                   (DS_CONFIG=none: no DeepSpeed)
 #   PYTHON          the interpreter that has align_distill (python)
@@ -41,7 +44,7 @@ except ConfigError as error:
 }
 
 if [ $# -lt 2 ]; then
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 METHOD=$1
@@ -66,7 +69,8 @@ case "$ZERO" in
     zero2) ACC_DEFAULT=zero2; DS_DEFAULT=$CONFIGS/deepspeed/zero2.json ;;
     zero3) ACC_DEFAULT=zero3; DS_DEFAULT=$CONFIGS/deepspeed/zero3.json ;;
     zero3_offload) ACC_DEFAULT=zero3; DS_DEFAULT=$CONFIGS/deepspeed/zero3_offload.json ;;
-    *) echo "train.sh: ZERO must be ddp, zero2, zero3 or zero3_offload; got $ZERO" >&2; exit 2 ;;
+    fsdp2) ACC_DEFAULT=fsdp2; DS_DEFAULT=none ;;
+    *) echo "train.sh: ZERO must be ddp, zero2, zero3, zero3_offload or fsdp2; got $ZERO" >&2; exit 2 ;;
 esac
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$CONFIGS/accelerate/$ACC_DEFAULT.yaml}
 ACCELERATE_CONFIG=$(resolve "$ACCELERATE_CONFIG") || exit 2
@@ -79,13 +83,18 @@ case "$LAUNCHER" in
         CMD=(accelerate launch --config_file "$ACCELERATE_CONFIG"
             --num_machines "$NNODES" --num_processes $((NNODES * NPROC_PER_NODE)) --machine_rank "$NODE_RANK"
             --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
-        # the accelerate file names a DeepSpeed JSON; an explicit DS_CONFIG replaces it
-        if [ "$ZERO" != ddp ] && [ "$DS_CONFIG" != none ]; then
-            CMD+=(--deepspeed_config_file "$DS_CONFIG")
+        # A DeepSpeed accelerate file names its JSON relative to a checkout's root: pass the resolved, absolute
+        # one (it replaces the file's). Not for a file that carries the DeepSpeed settings itself (zero_stage...):
+        # accelerate refuses both at once.
+        ACC_TYPE=$(sed -n 's/^distributed_type:[[:space:]]*//p' "$ACCELERATE_CONFIG" | tr -d "\"' \r")
+        if [ "$ACC_TYPE" = DEEPSPEED ] && [ "$DS_CONFIG" != none ] \
+            && ! grep -Eq '^[[:space:]]+zero_stage:' "$ACCELERATE_CONFIG"; then
+            CMD+=(--deepspeed_config_file "$(cd "$(dirname "$DS_CONFIG")" && pwd)/$(basename "$DS_CONFIG")")
         fi
         CMD+=("${TRAIN[@]}" "$@")
         ;;
     deepspeed)
+        [ "$ZERO" != fsdp2 ] || { echo "train.sh: ZERO=fsdp2 needs LAUNCHER=accelerate" >&2; exit 2; }
         [ "$DS_CONFIG" != none ] || { echo "train.sh: LAUNCHER=deepspeed needs a DeepSpeed config" >&2; exit 2; }
         # One hostfile entry per node; --no_ssh: every node starts its own processes (like torchrun), no pdsh.
         HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/align-distill-hostfile.XXXXXX")
@@ -96,6 +105,7 @@ case "$LAUNCHER" in
             --module align_distill.cli train "$METHOD" --config "$RECIPE" --deepspeed "$DS_CONFIG" "$@")
         ;;
     torchrun)
+        [ "$ZERO" != fsdp2 ] || { echo "train.sh: ZERO=fsdp2 needs LAUNCHER=accelerate" >&2; exit 2; }
         CMD=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${TRAIN[@]}")
         [ "$DS_CONFIG" = none ] || CMD+=(--deepspeed "$DS_CONFIG")

@@ -422,22 +422,68 @@ def test_train_sh_composes_each_launcher(tmp_path):
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "ZERO must be" in bad.stderr
 
+    # FSDP2: the accelerate file alone, no DeepSpeed JSON; the process count always on the command line
+    (command,) = dry_run("train.sh", "sft", str(recipe), ZERO="fsdp2", **nodes)
+    assert command[command.index("--config_file") + 1] == str(REPO / "align_distill/configs/accelerate/fsdp2.yaml")
+    assert "--deepspeed_config_file" not in command and command[command.index("--num_processes") + 1] == "8"
+    bad = subprocess.run(["bash", str(REPO / "scripts/train.sh"), "sft", str(recipe)],
+                         env=script_env(ZERO="fsdp2", LAUNCHER="torchrun"), capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "needs LAUNCHER=accelerate" in bad.stderr
+
+    # a relative DS_CONFIG reaches accelerate as an absolute path (the shipped files' own path is checkout-relative)
+    (tmp_path / "ds.json").write_text((REPO / "align_distill/configs/deepspeed/zero2.json").read_text())
+    result = subprocess.run(["bash", str(REPO / "scripts/train.sh"), "sft", "recipe.yaml"], cwd=tmp_path,
+                            env=script_env(DRY_RUN="1", ZERO="zero2", DS_CONFIG="ds.json"), capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split()
+    assert command[command.index("--deepspeed_config_file") + 1] == str(tmp_path.resolve() / "ds.json")
+
 
 def test_generate_sh_splits_the_store_into_parts(tmp_path):
     config = tmp_path / "signals.yaml"
-    config.write_text(yaml.safe_dump({"input": "x", "output_dir": "y", "teachers": [{"model": "a"}, {"model": "b"}]}))
+    teachers = [{"model": "a", "backend": "vllm"}, {"model": "b", "backend": "transformers"}, "c"]
+    config.write_text(yaml.safe_dump({"input": "x", "output_dir": "y", "teachers": teachers}))
     commands = dry_run("generate.sh", "signals", str(config), "--limit", "8", NNODES="3", NODE_RANK="2", TP="4")
     (command,) = commands
     assert command[:3] == ["align-distill", "generate", "signals"]
     assert command[command.index("--part") + 1] == "2" and command[command.index("--num-parts") + 1] == "3"
-    assert command.count("4") == 2 and "--teachers.1.backend_kwargs.tensor_parallel_size" in command
     assert command[-2:] == ["--limit", "8"]
+    # vLLM-only arguments reach only the vllm teacher: the transformers ones (explicit, and `c` by default) reject them
+    vllm_args = [arg for arg in command if "backend_kwargs" in arg]
+    assert vllm_args == ["--teachers.0.backend_kwargs.tensor_parallel_size"], command
+    assert command[command.index(vllm_args[0]) + 1] == "4"
 
-    commands = dry_run("generate.sh", "sample", str(config), NNODES="2", NODE_RANK="1", TP="2", ENGINES_PER_NODE="2")
+    # a command-line override that makes teacher 2 a vllm one; GPU_MEMORY_UTILIZATION goes the same way as TP
+    (command,) = dry_run(
+        "generate.sh", "signals", str(config), "--teachers.2.backend", "vllm", TP="2", GPU_MEMORY_UTILIZATION="0.5"
+    )
+    assert [arg for arg in command if "backend_kwargs" in arg] == [
+        "--teachers.0.backend_kwargs.tensor_parallel_size",
+        "--teachers.0.backend_kwargs.gpu_memory_utilization",
+        "--teachers.2.backend_kwargs.tensor_parallel_size",
+        "--teachers.2.backend_kwargs.gpu_memory_utilization",
+    ], command
+    assert command[-2:] == ["--teachers.2.backend", "vllm"]
+
+    sample = tmp_path / "sample.yaml"
+    sample.write_text(yaml.safe_dump({"input": "x", "output_dir": "y", "model": "m", "backend": "vllm"}))
+    commands = dry_run("generate.sh", "sample", str(sample), NNODES="2", NODE_RANK="1", TP="2", ENGINES_PER_NODE="2")
     assert [c[1] for c in commands] == ["CUDA_VISIBLE_DEVICES=0\\,1", "CUDA_VISIBLE_DEVICES=2\\,3"]
     assert [c[c.index("--part") + 1] for c in commands] == ["2", "3"]
     assert {c[c.index("--num-parts") + 1] for c in commands} == {"4"}
-    assert all("--backend_kwargs.tensor_parallel_size" in c for c in commands)
+    assert all(c[c.index("--backend_kwargs.tensor_parallel_size") + 1] == "2" for c in commands)
+
+    # a transformers model (sample's default backend; a rank judge) gets no vLLM arguments
+    sample.write_text(yaml.safe_dump({"input": "x", "output_dir": "y", "model": "m"}))
+    rank = tmp_path / "rank.yaml"
+    rank.write_text(yaml.safe_dump({"input": "x", "output_dir": "y", "judge": {"model": "j", "kind": "llm"}}))
+    for job, path in (("sample", sample), ("rank", rank)):
+        (command,) = dry_run("generate.sh", job, str(path), TP="2")
+        assert not any("backend_kwargs" in arg for arg in command), command
+    (command,) = dry_run("generate.sh", "rank", str(rank), "--judge.backend", "vllm", TP="2")
+    assert command[command.index("--judge.backend_kwargs.tensor_parallel_size") + 1] == "2"
 
 
 @pytest.mark.slow
