@@ -282,6 +282,7 @@ class Pipeline:
             self._run_stage(stage, ranks)
             now = time.time()
             ranks.say(f"{label}: finished in {duration(now - started)}, {duration(now - started_run)} elapsed")
+        ranks.finish()
         return outputs
 
     def _open_run_dir(self) -> None:
@@ -513,6 +514,16 @@ class Ranks:
         if dist.get_world_size() <= 1:
             return cls(rank=dist.get_rank())
         return cls(dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT), dist.get_rank())
+
+    def finish(self) -> None:
+        """Every rank is done; take the process groups down before the interpreter exits (gloo's threads abort the
+        process with "terminate called without an active exception" when a group outlives it)."""
+        if self.group is None:
+            return
+        dist.barrier(group=self.group)
+        dist.destroy_process_group(self.group)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def say(self, text: str) -> None:
         if self.main:
