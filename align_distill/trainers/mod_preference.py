@@ -69,18 +69,23 @@ class MoDPreferenceConfig(DPOConfig):
 
     deprecated_aliases: ClassVar[dict[str, str]] = {"aux_loss_coef": "aux_loss_weight"}
     ignored_fields: ClassVar[dict[str, str]] = {
-        "loss_weights": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "ld_alpha": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "f_divergence_type": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "f_alpha_divergence_coef": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "label_smoothing": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "discopop_tau": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "use_weighting": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
-        "label_smoothing_factor": "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        **dict.fromkeys(
+            (
+                "loss_weights",
+                "ld_alpha",
+                "f_divergence_type",
+                "f_alpha_divergence_coef",
+                "label_smoothing",
+                "discopop_tau",
+                "use_weighting",
+                "label_smoothing_factor",
+            ),
+            "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
+        ),
         "router_aux_loss_coef": "the balancing loss is weighted by `aux_loss_weight`",
-        "sync_ref_model": "the reference is the frozen teacher",
-        "ref_model_mixup_alpha": "the reference is the frozen teacher",
-        "ref_model_sync_steps": "the reference is the frozen teacher",
+        **dict.fromkeys(
+            ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "the reference is the frozen teacher"
+        ),
     }
     method_label: ClassVar[str] = "LLaVA-MoD preference distillation (pd)"
 

@@ -65,21 +65,31 @@ class TeacherPairConfig(DPOConfig):
 
     deprecated_aliases: ClassVar[dict[str, str]] = {"top_k": "signals_top_k"}
     ignored_fields: ClassVar[dict[str, str]] = {
-        "loss_type": "the DPO loss is replaced by the distillation loss",
-        "loss_weights": "the DPO loss is replaced by the distillation loss",
-        "ld_alpha": "the DPO loss is replaced by the distillation loss",
-        "f_divergence_type": "the DPO loss is replaced by the distillation loss",
-        "f_alpha_divergence_coef": "the DPO loss is replaced by the distillation loss",
-        "label_smoothing": "the DPO loss is replaced by the distillation loss",
-        "discopop_tau": "the DPO loss is replaced by the distillation loss",
-        "use_weighting": "the DPO loss is replaced by the distillation loss",
+        **dict.fromkeys(
+            (
+                "loss_type",
+                "loss_weights",
+                "ld_alpha",
+                "f_divergence_type",
+                "f_alpha_divergence_coef",
+                "label_smoothing",
+                "discopop_tau",
+                "use_weighting",
+            ),
+            "the DPO loss is replaced by the distillation loss",
+        ),
         "label_smoothing_factor": "the distillation loss replaces the Trainer's",
         "router_aux_loss_coef": "the distillation loss has no MoE load-balancing term",
-        "precompute_ref_log_probs": "there is no DPO reference model; the teachers replace it",
-        "precompute_ref_batch_size": "there is no DPO reference model; the teachers replace it",
-        "sync_ref_model": "there is no DPO reference model; the teachers replace it",
-        "ref_model_mixup_alpha": "there is no DPO reference model; the teachers replace it",
-        "ref_model_sync_steps": "there is no DPO reference model; the teachers replace it",
+        **dict.fromkeys(
+            (
+                "precompute_ref_log_probs",
+                "precompute_ref_batch_size",
+                "sync_ref_model",
+                "ref_model_mixup_alpha",
+                "ref_model_sync_steps",
+            ),
+            "there is no DPO reference model; the teachers replace it",
+        ),
     }
     method_label: ClassVar[str] = "DCKD/ADPA"
 
