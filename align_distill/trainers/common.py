@@ -132,3 +132,17 @@ def default_precision(config: Any) -> None:
         config.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not getattr(
             config, "fp16", False
         )
+
+
+# Fields of TRL's `DPOConfig` that only shape DPO's own loss, and those that sync its reference model: a trainer that
+# replaces that loss or that reference lists them in its config's `ignored_fields`.
+DPO_LOSS_OPTIONS = (
+    "loss_weights",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "label_smoothing",
+    "discopop_tau",
+    "use_weighting",
+)
+DPO_REFERENCE_SYNC = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")

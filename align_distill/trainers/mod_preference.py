@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from align_distill.losses import teacher_ref_preference_loss
-from align_distill.trainers.common import default_precision
+from align_distill.trainers.common import DPO_LOSS_OPTIONS, DPO_REFERENCE_SYNC, default_precision
 from align_distill.vocabulary import reject_ignored_fields
 
 from .mod_mimic import RouterLogits, balancing_loss, set_stage_trainable
@@ -70,22 +70,11 @@ class MoDPreferenceConfig(DPOConfig):
     deprecated_aliases: ClassVar[dict[str, str]] = {"aux_loss_coef": "aux_loss_weight"}
     ignored_fields: ClassVar[dict[str, str]] = {
         **dict.fromkeys(
-            (
-                "loss_weights",
-                "ld_alpha",
-                "f_divergence_type",
-                "f_alpha_divergence_coef",
-                "label_smoothing",
-                "discopop_tau",
-                "use_weighting",
-                "label_smoothing_factor",
-            ),
+            (*DPO_LOSS_OPTIONS, "label_smoothing_factor"),
             "the loss is `teacher_ref_preference_loss` (sigmoid or kto_pair)",
         ),
         "router_aux_loss_coef": "the balancing loss is weighted by `aux_loss_weight`",
-        **dict.fromkeys(
-            ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "the reference is the frozen teacher"
-        ),
+        **dict.fromkeys(DPO_REFERENCE_SYNC, "the reference is the frozen teacher"),
     }
     method_label: ClassVar[str] = "LLaVA-MoD preference distillation (pd)"
 

@@ -18,7 +18,7 @@ from align_distill.models.vocab import check_model_vocab
 from align_distill.trainers.common import default_precision
 from align_distill.vocabulary import reject_ignored_fields
 
-from .common import frozen_logits, prepare_frozen, response_view
+from .common import DPO_LOSS_OPTIONS, DPO_REFERENCE_SYNC, frozen_logits, prepare_frozen, response_view
 from .signals import TeacherSignalReader
 
 
@@ -65,29 +65,11 @@ class TeacherPairConfig(DPOConfig):
 
     deprecated_aliases: ClassVar[dict[str, str]] = {"top_k": "signals_top_k"}
     ignored_fields: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(
-            (
-                "loss_type",
-                "loss_weights",
-                "ld_alpha",
-                "f_divergence_type",
-                "f_alpha_divergence_coef",
-                "label_smoothing",
-                "discopop_tau",
-                "use_weighting",
-            ),
-            "the DPO loss is replaced by the distillation loss",
-        ),
+        **dict.fromkeys(("loss_type", *DPO_LOSS_OPTIONS), "the DPO loss is replaced by the distillation loss"),
         "label_smoothing_factor": "the distillation loss replaces the Trainer's",
         "router_aux_loss_coef": "the distillation loss has no MoE load-balancing term",
         **dict.fromkeys(
-            (
-                "precompute_ref_log_probs",
-                "precompute_ref_batch_size",
-                "sync_ref_model",
-                "ref_model_mixup_alpha",
-                "ref_model_sync_steps",
-            ),
+            ("precompute_ref_log_probs", "precompute_ref_batch_size", *DPO_REFERENCE_SYNC),
             "there is no DPO reference model; the teachers replace it",
         ),
     }
