@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from align_distill.methods.common import save_final
+from align_distill.models import load_model
 from align_distill.synthetic.visual import evaluate_visual, load_visual_dataset
 
 # `call` stages that prepare the LLaVA teacher (TRL's own SFT / DPO trainers on the coloured-shapes task, which TRL
@@ -27,12 +28,17 @@ _VISION_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _vision_model(path: str) -> Any:
+    """A LLaVA folder through the project's loading policy (safetensors only, no remote code)."""
+    return load_model(path, dtype="auto", model_class=AutoModelForImageTextToText)
+
+
 def vision_sft(out: str, model_name_or_path: str, dataset_path: str, **training: Any) -> dict:
     """TRL SFT of a LLaVA folder on vision prompt/completion data (JSONL + images); saves model + processor."""
 
     processor = AutoProcessor.from_pretrained(model_name_or_path)
     trainer = SFTTrainer(
-        model=AutoModelForImageTextToText.from_pretrained(model_name_or_path),
+        model=_vision_model(model_name_or_path),
         args=SFTConfig(output_dir=str(out), **{**_VISION_DEFAULTS, **training}),
         train_dataset=load_visual_dataset(dataset_path, "completion"),
         processing_class=processor,
@@ -47,8 +53,8 @@ def vision_dpo(out: str, model_name_or_path: str, dataset_path: str, **training:
 
     processor = AutoProcessor.from_pretrained(model_name_or_path)
     trainer = DPOTrainer(
-        model=AutoModelForImageTextToText.from_pretrained(model_name_or_path),
-        ref_model=AutoModelForImageTextToText.from_pretrained(model_name_or_path),
+        model=_vision_model(model_name_or_path),
+        ref_model=_vision_model(model_name_or_path),
         args=DPOConfig(output_dir=str(out), **{**_VISION_DEFAULTS, **training}),
         train_dataset=load_visual_dataset(dataset_path, "preference"),
         processing_class=processor,
@@ -63,7 +69,7 @@ def evaluate_vision(out: str, models: dict[str, str], n: int = 200, seed: int = 
 
     results = {}
     for name, path in models.items():
-        model = AutoModelForImageTextToText.from_pretrained(path)
+        model = _vision_model(path)
         results[name] = evaluate_visual(model, AutoProcessor.from_pretrained(path), n=n, seed=seed).as_dict()
         row = results[name]
         print(

@@ -49,6 +49,7 @@ from align_distill.data_gen import load_store, run_rank, run_rollout
 from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 from align_distill.data_gen.judges import LikelihoodJudge, import_function
 from align_distill.models import load_model
+from align_distill.models.loading import check_adapter_weights
 from align_distill.trainers.common import gathered, student_weights, without_zero3_init
 
 from .agreement import mean_or_none, rank_agreement
@@ -225,7 +226,8 @@ class CycleAlign:
             logger.info("cyclealign: loading the white box from %s", source)
             if (Path(source) / "adapter_config.json").exists():
                 base = self.model_loader(self.initial_source)
-                self.model = PeftModel.from_pretrained(base, source, is_trainable=True)
+                check_adapter_weights(source)  # the loading policy: safetensors only
+                self.model = PeftModel.from_pretrained(base, source, is_trainable=True, use_safetensors=True)
             else:
                 self.model = self.model_loader(source)
             self.model_source = source
