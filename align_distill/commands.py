@@ -8,13 +8,12 @@ YAML sets environment variables first (as TRL's parser does).
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
 from align_distill import configuration
 from align_distill.distributed import init_cpu_process_group
-from align_distill.errors import ConfigError
+from align_distill.errors import ConfigError, did_you_mean
 from align_distill.hub import push_run
 from align_distill.methods import METHODS, method_module
 from align_distill.methods.run import run_method
@@ -24,8 +23,7 @@ USAGE = "usage: align-distill train METHOD --config FILE|RECIPE [--key value ...
 
 def _method(name: str) -> Any:
     if name not in METHODS:
-        match = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" (did you mean `{match[0]}`?)" if match else ""
+        hint = did_you_mean(name, METHODS)
         raise ConfigError(f"unknown method `{name}`{hint}; methods: {', '.join(sorted(METHODS))}")
     return method_module(name)
 

@@ -13,7 +13,6 @@ names the file and line (or "command line") and, for an unknown key, the closest
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import functools
 import os
@@ -26,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from align_distill.errors import ConfigError
+from align_distill.errors import ConfigError, did_you_mean
 from align_distill.recipes import check_requirements, resolve_config
 from align_distill.vocabulary import canonical_keys, ignored_fields
 
@@ -458,8 +457,7 @@ def unknown_key_error(
     key: str, known: Iterable[str], source: Source, path: KeyPath, name: str, hint: str | None = None
 ) -> ConfigError:
     """`FILE: line N: unknown key `x` for NAME (did you mean `y`?)`."""
-    match = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-    tail = f" (did you mean `{match[0]}`?)" if match else f" ({hint})" if hint else ""
+    tail = did_you_mean(key, known) or (f" ({hint})" if hint else "")
     return ConfigError(f"{source.where(path + (key,))}: unknown key `{key}` for {name}{tail}")
 
 

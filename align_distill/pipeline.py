@@ -33,7 +33,6 @@ line (see `pipeline_command`).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import logging
@@ -59,7 +58,7 @@ from align_distill.data_gen import run_job
 from align_distill.data_gen.config import CONFIGS as JOB_CONFIGS
 from align_distill.data_gen.config import load_config as load_job_config
 from align_distill.distributed import has_accelerator, init_cpu_process_group, launched_world_size
-from align_distill.errors import ConfigError, UserError
+from align_distill.errors import ConfigError, UserError, did_you_mean
 from align_distill.fingerprint import config_digest, path_digest
 from align_distill.hub import push_run
 from align_distill.methods import METHODS, method_module
@@ -107,11 +106,6 @@ def duration(seconds: float) -> str:
     return f"{total // 3600} h {total % 3600 // 60} min"
 
 
-def _suggestion(name: str, names: list[str]) -> str:
-    match = difflib.get_close_matches(str(name), names, n=1)
-    return f" (did you mean `{match[0]}`?)" if match else ""
-
-
 @dataclass
 class Stage:
     name: str
@@ -132,7 +126,7 @@ class Stage:
         kinds = [k for k in KINDS if k in raw]
         unknown = [key for key in raw if key not in STAGE_KEYS]
         if unknown:
-            hint = _suggestion(unknown[0], list(STAGE_KEYS))
+            hint = did_you_mean(unknown[0], list(STAGE_KEYS))
             raise PipelineError(f"{here.where((unknown[0],))}: unknown key `{unknown[0]}`{hint}")
         if len(kinds) != 1:
             raise PipelineError(f"{here.where()}: give exactly one of `train`, `generate`, `call`")
@@ -180,7 +174,7 @@ class Pipeline:
         for position, stage in enumerate(stages):
             for ref in references(stage):
                 if ref not in names[:position]:
-                    where = "a later stage" if ref in names else f"not a stage{_suggestion(ref, names)}"
+                    where = "a later stage" if ref in names else f"not a stage{did_you_mean(ref, names)}"
                     raise PipelineError(f"{stage.config_source().where()}: references ${{{ref}}}, which is {where}")
         self._fingerprints: dict[str, str] = {}
         self._inputs: dict[str, dict[str, Any]] = {}
@@ -557,7 +551,7 @@ def _train_arguments(stage: Stage, config: dict[str, Any], out: Path) -> tuple[A
     line and stage); the module comes first."""
     source = stage.config_source()
     if stage.target not in METHODS:
-        hint = _suggestion(stage.target, sorted(METHODS))
+        hint = did_you_mean(stage.target, sorted(METHODS))
         raise ConfigError(f"{source.where()}: unknown method `{stage.target}`{hint}; methods: {', '.join(METHODS)}")
     module = method_module(stage.target)
     hint = f"`align-distill train {stage.target} --help` lists its keys"
@@ -569,7 +563,7 @@ def _train_arguments(stage: Stage, config: dict[str, Any], out: Path) -> tuple[A
 def _job_config(stage: Stage, config: dict[str, Any], out: Path) -> Any:
     source = stage.config_source()
     if stage.target not in JOB_CONFIGS:
-        hint = _suggestion(stage.target, list(JOB_CONFIGS))
+        hint = did_you_mean(stage.target, list(JOB_CONFIGS))
         raise ConfigError(f"{source.where()}: unknown job `{stage.target}`{hint}; jobs: {', '.join(JOB_CONFIGS)}")
     return load_job_config(stage.target, None, {**config, "output_dir": str(out)}, source)
 
@@ -642,7 +636,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: Mapping[str, Any], name: 
     stages, overridden = list(stages), set()
     for stage_name, settings in overrides.items():
         if stage_name not in names:
-            hint = _suggestion(stage_name, [n for n in names if n])
+            hint = did_you_mean(stage_name, [n for n in names if n])
             raise PipelineError(
                 f"command line: `--{stage_name}.KEY`: {name} has no stage `{stage_name}`{hint}; "
                 f"stages: {', '.join(n for n in names if n)}"

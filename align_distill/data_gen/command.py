@@ -9,7 +9,6 @@ server). `align-distill --debug generate ...` (or ALIGN_DISTILL_DEBUG=1) raises 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
 
@@ -18,7 +17,7 @@ from align_distill.data import DataValidationError
 from align_distill.data_gen.config import CONFIGS, ConfigError, describe, load_config
 from align_distill.data_gen.jobs import run_job
 from align_distill.data_gen.store import StoreError
-from align_distill.errors import UserError, debug_enabled
+from align_distill.errors import UserError, debug_enabled, did_you_mean
 
 USAGE = (
     "usage: align-distill generate <job> --config job.yaml [--key value ...] [--overwrite]\n"
@@ -33,8 +32,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
     if kind not in CONFIGS:
-        match = difflib.get_close_matches(kind, list(CONFIGS), n=1)
-        hint = f" (did you mean `{match[0]}`?)" if match else ""
+        hint = did_you_mean(kind, CONFIGS)
         print(f"error: unknown job `{kind}`{hint}; jobs: {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     if "-h" in rest or "--help" in rest:

@@ -8,7 +8,6 @@ was found, and in which file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -16,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from align_distill import configuration
 from align_distill.configuration import build_config, parse_overrides
 from align_distill.data_gen.backends.base import SamplingParams
-from align_distill.errors import ConfigError
+from align_distill.errors import ConfigError, did_you_mean
 
 __all__ = [
     "CONFIGS",
@@ -304,7 +303,7 @@ def load_config(
     `--key value` arguments) on top, built and checked. `source` names a config given without a file (a pipeline
     stage)."""
     if kind not in CONFIGS:
-        raise ConfigError(f"unknown job `{kind}`{_suggest(kind, CONFIGS)}; expected one of {', '.join(CONFIGS)}")
+        raise ConfigError(f"unknown job `{kind}`{did_you_mean(kind, CONFIGS)}; expected one of {', '.join(CONFIGS)}")
     values, loaded = configuration.load_values(path, overrides, label=f"{kind} config")
     source = source if source is not None and path is None else loaded
     hint = f"`align-distill generate {kind} --help` lists its keys"
@@ -316,11 +315,6 @@ def load_config(
             raise
         raise ConfigError(f"{source.where()}: {error}") from None
     return config
-
-
-def _suggest(name: str, names: Any) -> str:
-    match = difflib.get_close_matches(name, list(names), n=1)
-    return f" (did you mean `{match[0]}`?)" if match else ""
 
 
 def as_config(
