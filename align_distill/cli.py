@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 import align_distill
 from align_distill.callables import load_callable
@@ -36,14 +35,6 @@ TOOLS: dict[str, str] = {
     "models shrink": "align_distill.models:shrink_command",
     "models merge": "align_distill.models.merge:merge_command",
 }
-
-# errors that are the user's to fix: printed as one line, exit code 2 (classes looked up only once imported)
-USER_ERRORS: tuple[str, ...] = (
-    "align_distill.data.problems:DataValidationError",
-    "align_distill.pipeline:PipelineError",
-    "align_distill.hub:PushError",
-    "align_distill.provenance:ProvenanceError",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,14 +113,8 @@ def _run(argv: list[str]) -> int:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    if isinstance(error, (UserError, FileNotFoundError)):
-        return True
-    for spec in USER_ERRORS:
-        module, _, name = spec.partition(":")
-        cls: Any = getattr(sys.modules.get(module), name, None)  # not imported: the error cannot be one of them
-        if isinstance(cls, type) and isinstance(error, cls):
-            return True
-    return False
+    """Data, config, pipeline, push and provenance errors all derive from `UserError`."""
+    return isinstance(error, (UserError, FileNotFoundError))
 
 
 def _message(error: BaseException) -> str:

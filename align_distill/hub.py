@@ -26,6 +26,7 @@ from typing import Any
 
 import huggingface_hub
 
+from align_distill.errors import UserError
 from align_distill.model_card import render_card
 from align_distill.provenance import ProvenanceError, collect_provenance, find_model, publicize
 from align_distill.redaction import scrub
@@ -44,7 +45,7 @@ TOKENIZER_PATTERNS = (
 )
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """Publishing failed; the message never contains the token."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import align_distill
+from align_distill.errors import UserError
 from align_distill.fingerprint import model_digest
 from align_distill.methods.run import framework_versions
 from align_distill.redaction import redact
@@ -68,7 +69,7 @@ def is_hyperparameter(key: str) -> bool:
     )
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError, ValueError):
     """The folder holds no model to publish, or the requested stage is not in the run."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from align_distill.errors import UserError
+
 
 @dataclass(frozen=True)
 class DataProblem:
@@ -29,7 +31,7 @@ class DataProblem:
         return f"{where}: {self.message}"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """A dataset could not be read or failed validation; `.problems` holds every problem found."""
 
     def __init__(self, problems: Iterable[DataProblem]):
