@@ -3,8 +3,7 @@
 Final rewards say which method ends higher; curves say how fast each gets there (AlignDistil's convergence claim,
 docs/methods/aligndistil.md §6.5). `reward_curves` is a pipeline `call` stage: it trains each given method config again
 from its own starting model with a `RewardCurve` callback (same config and seed as the method's own stage), and
-writes `curves.json` and `reward_vs_steps.png`. The quickstart adds it for DPO vs AlignDistil;
-`bench/reproduce_aligndistil.py` uses the same pieces over several seeds.
+writes `curves.json` and `reward_vs_steps.png`. The quickstart adds it for DPO vs AlignDistil.
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ from align_distill.synthetic.evaluate import evaluate
 Curve = list[dict[str, float]]  # [{"step", "reward", "capability", "preference"}, ...]
 
 
-def reward_curve_callback(points: Curve, every: int, n: int, seed: int = 10_000) -> Any:
+def reward_curve_callback(points: Curve, every: int, n: int | None, seed: int = 0) -> Any:
     """A `TrainerCallback` appending the greedy ground-truth reward to `points` at step 0, every `every` optimizer
-    steps and at the last step (the evaluation prompts are `synthetic.evaluate`'s held-out ones)."""
+    steps and at the last step (on the first `n` prompts of `seed`'s test split)."""
 
     if every < 1:
         raise ValueError(f"reward curve: `every` must be >= 1 optimizer step, found {every}")
@@ -51,7 +50,7 @@ def reward_curve_callback(points: Curve, every: int, n: int, seed: int = 10_000)
     return RewardCurve()
 
 
-def train_with_curve(method: str, config: dict[str, Any], output_dir: Path, every: int, n: int) -> Curve:
+def train_with_curve(method: str, config: dict[str, Any], output_dir: Path, every: int, n: int | None) -> Curve:
     """Train `method` (registry name: dpo, aligndistil, ...) with `config` as its stage would; the measured curve."""
 
     module = method_module(method)
@@ -59,7 +58,7 @@ def train_with_curve(method: str, config: dict[str, Any], output_dir: Path, ever
         {**config, "output_dir": str(output_dir)}, allow_extra_keys=False
     )
     points: Curve = []
-    with training_callbacks([reward_curve_callback(points, every, n)]):
+    with training_callbacks([reward_curve_callback(points, every, n, seed=config.get("seed", 0))]):
         module.main(*parsed)
     return points
 

@@ -42,7 +42,7 @@ def plot_results(results: dict[str, dict], path: Path | None = None, smoke: bool
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("ground-truth score (greedy decoding)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    title = "Quickstart ground-truth scores on the synthetic task" + (f" ({n} held-out prompts)" if n else "")
+    title = "Quickstart ground-truth scores on the synthetic task, one seed" + (f" ({n} test prompts)" if n else "")
     if smoke:
         title = f"SMOKE RUN — {title}\n({SMOKE_NOTE.removeprefix('smoke run: ')})"
     ax.set_title(title, fontsize=10, color="firebrick" if smoke else "black")
@@ -61,7 +61,7 @@ def curves_section(curves: dict[str, list[dict]], png: str) -> list[str]:
         "## Convergence: reward vs optimizer steps",
         "",
         "Each method retrained from the same SFT student with its quickstart settings, measuring the ground-truth",
-        "reward every few optimizer steps (same held-out prompts as above).",
+        "reward every few optimizer steps (the first 200 of the test-split prompts above).",
         "",
         f"![reward vs steps]({png})",
         "",
@@ -88,7 +88,10 @@ def write_report(
         "# align-distill run report" + (" (smoke run)" if smoke else ""),
         "",
         *([f"> **{SMOKE_NOTE[0].upper()}{SMOKE_NOTE[1:]}.**", ""] if smoke else []),
-        f"Ground-truth reward on {n} held-out prompts, greedy decoding. reward = 0.5 capability + 0.5 preference.",
+        f"One seed: ground-truth reward on the seed's {n} test-split prompts (no training file contains them), greedy",
+        "decoding; reward = 0.5 capability + 0.5 preference. One seed shows whether the wiring works, not which method",
+        "is better: the comparison over seeds, with matched baselines and intervals, is align-distill's",
+        "docs/results.md.",
         "",
         results_table(results),
         "",

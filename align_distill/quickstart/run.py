@@ -34,13 +34,9 @@ def build_models(out_dir: Path, seed: int = 0) -> dict[str, str]:
 
 
 def write_data(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pairs: int = 1000, n_prompts: int = 256) -> dict:
-    """Stage `data`: the synthetic task's SFT rows, preference pairs and prompts as JSONL."""
+    """Stage `data`: the synthetic task's SFT rows, preference pairs and prompts as JSONL (train split only)."""
 
-    files = {
-        "sft.jsonl": synthetic.sft_rows(n_sft, seed=seed),
-        "pairs.jsonl": synthetic.preference_rows(n_pairs, seed=seed + 1),
-        "prompts.jsonl": synthetic.prompt_rows(n_prompts, seed=seed + 2),
-    }
+    files = synthetic.task_data(seed, n_sft=n_sft, n_pairs=n_pairs, n_prompts=n_prompts)
     for name, rows in files.items():
         with open(out_dir / name, "w") as handle:
             for row in rows:
@@ -51,12 +47,13 @@ def write_data(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pairs: int = 1
 def evaluate_models(
     out_dir: Path,
     models: dict[str, str],
-    n: int = 200,
-    seed: int = 10_000,
+    n: int | None = None,
+    seed: int = 0,
     curves: str | None = None,
     smoke: bool = False,
 ) -> dict[str, dict]:
-    """Stage `evaluate`: greedy ground-truth reward of every model; writes `eval.json`, `report.md`, `reward.png`
+    """Stage `evaluate`: greedy ground-truth reward of every model on `seed`'s test split (the first `n` prompts,
+    default all); writes `eval.json`, `report.md`, `reward.png`
     (and copies the `convergence` stage's reward-vs-steps chart into the report when `curves` names it). `smoke`:
     the report and chart say it is a smoke run (toy sizes)."""
 
@@ -87,7 +84,7 @@ def build_pipeline(
         method_stages = METHOD_STAGES[method](seed)
         stages.extend(method_stages)
         models[f"student_{method}" if not method.startswith("student") else method] = f"${{{method_stages[-1].name}}}"
-    evaluate = {"models": models, "n": 200}
+    evaluate = {"models": models, "seed": seed, "n": synthetic.EVAL_SIZES["test"]}
     by_name = {stage.name: stage for stage in stages}
     curve_runs = {
         label: {"method": by_name[name].target, "config": by_name[name].config}
@@ -131,6 +128,7 @@ def run_quickstart(
             (Path(run_dir) / name).write_bytes((evaluate_dir / name).read_bytes())
 
     print("\n" + results_table(results))
+    print("(one seed, on its test split: whether the wiring works, not which method is better; see docs/results.md)")
     print(
         f"\nreport: {Path(run_dir) / 'report.md'}   chart: {Path(run_dir) / 'reward.png'}   "
         f"wall time: {time.time() - started:.0f}s"

@@ -1,5 +1,10 @@
-"""The quickstart's stages: teacher preparation, the student SFT baseline, and each method's student, with the
-settings tuned for tiny models on a CPU (far larger steps than the papers' recipes, which are for 1B+ models)."""
+"""The quickstart's stages: teacher preparation, the student SFT baseline, and each method's student, with
+settings for tiny models on a CPU (far larger learning rates than the papers' recipes, which are for 1B+ models).
+
+Every student method gets the same budget, `STUDENT_STEPS` optimizer steps from the SFT student (chains split it:
+ADPA+ is DCKD then ADPA, LLaVA-MoD is d2d, d2s, then pd), so a method and the baseline it is compared with train
+equally long. The learning rates here are the centres of the grids that `bench/reproduce.py` tunes on the
+validation split."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from align_distill.pipeline import Stage
+from align_distill.synthetic import DATA_SIZES
 
 # Training settings shared by every quickstart stage: fp32 on CPU, no checkpoints, progress bars on.
 COMMON: dict[str, Any] = {
@@ -25,6 +31,12 @@ COMMON: dict[str, Any] = {
 # Shared by the teacher's and the student's stages (only the step budgets differ).
 SFT_SCHEDULE: dict[str, Any] = {"learning_rate": 3e-3, "lr_scheduler_type": "cosine", "warmup_steps": 10}
 DPO_SETTINGS: dict[str, Any] = {"max_steps": 60, "learning_rate": 5e-5, "beta": 0.1}
+# Optimizer steps every student method gets from the SFT student (chains split them between their stages).
+STUDENT_STEPS = 60
+# The student's own DPO baseline: the teacher's settings but its own learning rate (the grid's centre).
+STUDENT_DPO: dict[str, Any] = {**DPO_SETTINGS, "max_steps": STUDENT_STEPS, "learning_rate": 2e-4}
+# The student SFT budgets the reproductions report (the conclusions differ between them); the quickstart uses 200.
+STUDENT_SFT_STEPS = 200
 
 
 def _train(name: str, method: str, **config: Any) -> Stage:
@@ -39,7 +51,7 @@ def base_stages(seed: int) -> list[Stage]:
             "data",
             "call",
             "align_distill.quickstart:write_data",
-            {"seed": seed, "n_sft": 4000, "n_pairs": 1000, "n_prompts": 256},
+            {"seed": seed, **DATA_SIZES},
         ),
         _train(
             "teacher_sft",
@@ -72,9 +84,8 @@ def base_stages(seed: int) -> list[Stage]:
             "sft",
             model_name_or_path="${models}/student",
             dataset_name="${data}/sft.jsonl",
-            # a smaller SFT budget than the teacher's: at 400 steps this task saturates even the tiny student
-            # (capability 0.93, as high as the teacher's), leaving nothing for distillation to show
-            max_steps=200,
+            # a smaller SFT budget than the teacher's; bench/reproduce.py reports both 200 and 400
+            max_steps=STUDENT_SFT_STEPS,
             seed=seed,
             **SFT_SCHEDULE,
         ),
@@ -88,7 +99,7 @@ def student_dpo(seed: int) -> list[Stage]:
             "dpo",
             model_name_or_path="${student_sft}",
             dataset_name="${data}/pairs.jsonl",
-            **DPO_SETTINGS,
+            **STUDENT_DPO,
             seed=seed,
         )
     ]
@@ -96,7 +107,7 @@ def student_dpo(seed: int) -> list[Stage]:
 
 # Quickstart settings (tiny models on a CPU): tuned so that DCKD moves the SFT student towards the DPO teacher.
 DCKD: dict[str, Any] = {
-    "max_steps": 60,
+    "max_steps": STUDENT_STEPS,
     "learning_rate": 1e-3,
     "chosen_kl_weight": 1.0,
     "rejected_kl_weight": 1.0,
@@ -119,7 +130,7 @@ def signals_stage(name: str, teacher: str, tokenizer: str) -> Any:
     )
 
 
-def dckd_stages(prefix: str, seed: int, student: str = "${student_sft}") -> list[Any]:
+def dckd_stages(prefix: str, seed: int, student: str = "${student_sft}", **overrides: Any) -> list[Any]:
 
     config = {
         **COMMON,
@@ -128,6 +139,7 @@ def dckd_stages(prefix: str, seed: int, student: str = "${student_sft}") -> list
         "signals_path": f"${{{prefix}_signals}}",
         **DCKD,
         "seed": seed,
+        **overrides,
     }
     return [
         signals_stage(f"{prefix}_signals", "${teacher_dpo}", student),
@@ -140,8 +152,16 @@ def dckd_student(seed: int) -> list[Any]:
     return dckd_stages("dckd", seed)
 
 
+def sft_chosen_student(seed: int) -> list[Any]:
+    """The control for DCKD and ADPA: their SFT term alone (NLL on the pairs' chosen answers) — DCKD's trainer with
+    both KL weights 0, so data, batches, steps and learning rate are DCKD's. A distilled student that does not beat
+    it has learnt nothing from the teacher that more SFT on good answers would not give."""
+    signals, train = dckd_stages("dckd", seed, chosen_kl_weight=0.0, rejected_kl_weight=0.0)
+    return [signals, Stage("sft_chosen_student", train.kind, train.target, train.config)]
+
+
 # Quickstart settings (tiny models on a CPU).
-ADPA: dict[str, Any] = {"max_steps": 60, "learning_rate": 1e-3, "adpa_weight": 1.6, "beta": 0.1}
+ADPA: dict[str, Any] = {"max_steps": STUDENT_STEPS, "learning_rate": 1e-3, "adpa_weight": 1.6, "beta": 0.1}
 # Responses of the task are <= 11 tokens (EOS included): 16 new tokens leave room without paying for runaways.
 ADPA_ROLLOUT: dict[str, Any] = {
     "max_completion_length": 16,
@@ -151,7 +171,7 @@ ADPA_ROLLOUT: dict[str, Any] = {
 }
 
 
-def adpa_stages(prefix: str, seed: int, student: str) -> list[Any]:
+def adpa_stages(prefix: str, seed: int, student: str, **overrides: Any) -> list[Any]:
     """Rollout of `student` on the pairs' prompts → DPO teacher + reference signals on it → ADPA from `student`."""
 
     return [
@@ -186,6 +206,7 @@ def adpa_stages(prefix: str, seed: int, student: str) -> list[Any]:
                 "signals_path": f"${{{prefix}_signals}}",
                 **ADPA,
                 "seed": seed,
+                **overrides,
             },
         ),
     ]
@@ -197,8 +218,13 @@ def adpa_student(seed: int) -> list[Any]:
 
 
 def adpa_plus_student(seed: int) -> list[Any]:
-    """ADPA+: DCKD from the SFT student, then ADPA from the DCKD student on its own rollout (self-contained)."""
-    return [*dckd_stages("adpa_plus_dckd", seed), *adpa_stages("adpa_plus", seed, "${adpa_plus_dckd_student}")]
+    """ADPA+: DCKD from the SFT student, then ADPA from the DCKD student on its own rollout (self-contained); the two
+    halves share the student budget, so ADPA+ trains as many steps as DCKD or ADPA alone."""
+    half = {"max_steps": STUDENT_STEPS // 2}
+    return [
+        *dckd_stages("adpa_plus_dckd", seed, **half),
+        *adpa_stages("adpa_plus", seed, "${adpa_plus_dckd_student}", **half),
+    ]
 
 
 # Tiny models, CPU: far larger steps than the released 1e-6 (which is for 1.5B models and 61k pairs).
@@ -224,7 +250,7 @@ ALIGNDISTIL: dict[str, Any] = {
 
 def aligndistil_off_student(seed: int) -> list[Stage]:
     """Off-policy AlignDistil on the quickstart's chosen responses (stage `aligndistil_off`, the evaluated one)."""
-    config = {**ALIGNDISTIL, "max_steps": 60, "tvd_scale": 10.0, "seed": seed}
+    config = {**ALIGNDISTIL, "max_steps": STUDENT_STEPS, "tvd_scale": 10.0, "seed": seed}
     return [Stage("aligndistil_off", "train", "aligndistil", config)]
 
 
@@ -232,7 +258,7 @@ def aligndistil_on_student(seed: int) -> list[Stage]:
     """On-policy AlignDistil with transformers rollouts of the student (stage `aligndistil_on`)."""
     config = {
         **ALIGNDISTIL,
-        "max_steps": 60,
+        "max_steps": STUDENT_STEPS,
         "tvd_scale": 15.0,
         "on_policy": True,
         "max_completion_length": 16,
@@ -247,7 +273,9 @@ def cyclealign_student(seed: int) -> list[Stage]:
 
     The candidates are the white box's samples plus each prompt's chosen/rejected pair from the data (cyclealign §9.7's
     option): the tiny SFT student answers with one style marker per prompt almost deterministically, so its own
-    samples alone give the black box nothing to prefer (measured: see docs/methods/cyclealign.md)."""
+    samples alone give the black box nothing to prefer (measured: see docs/methods/cyclealign.md). 160 prompts per
+    cycle, batches of 16, 2 epochs, 3 cycles: about `STUDENT_STEPS` optimizer steps in all (prompts whose candidates
+    all fail the black box are dropped, so a few fewer; the reproduction records the exact count)."""
 
     config = {
         **COMMON,
@@ -255,7 +283,7 @@ def cyclealign_student(seed: int) -> list[Stage]:
         "dataset_name": "${data}/pairs.jsonl",
         "dataset_responses": True,
         "cycles": 3,
-        "prompts_per_cycle": 128,
+        "prompts_per_cycle": 160,
         "num_responses": 4,
         "oversample": 2,
         "temperature": 0.7,
@@ -282,7 +310,9 @@ def cyclealign_student(seed: int) -> list[Stage]:
 
 def mod_student(seed: int) -> list:
     """LLaVA-MoD on the text task: d2d from `${student_sft}` with teacher `${teacher_dpo}`, upcycle + d2s, then pd
-    with `${teacher_dpo}` as the reference on the preference pairs. The last stage is the student to evaluate."""
+    with `${teacher_dpo}` as the reference on the preference pairs; the three stages share the student budget. The
+    last stage is the student to evaluate."""
+    steps = STUDENT_STEPS // 3
 
     teacher = "${teacher_dpo}"
     mimic = {"dataset_name": "${data}/sft.jsonl", "teacher_model_name_or_path": teacher, "seed": seed}
@@ -296,7 +326,7 @@ def mod_student(seed: int) -> list:
                 **mimic,
                 "stage": "d2d",
                 "model_name_or_path": "${student_sft}",
-                "max_steps": 40,
+                "max_steps": steps,
                 "learning_rate": 1e-3,
             },
         ),
@@ -309,7 +339,7 @@ def mod_student(seed: int) -> list:
                 **mimic,
                 "stage": "d2s",
                 "model_name_or_path": "${mod_d2d}",
-                "max_steps": 40,
+                "max_steps": steps,
                 "learning_rate": 1e-3,
             },
         ),
@@ -323,8 +353,8 @@ def mod_student(seed: int) -> list:
                 "model_name_or_path": "${mod_d2s}",
                 "teacher_model_name_or_path": teacher,
                 "dataset_name": "${data}/pairs.jsonl",
-                "max_steps": 60,
-                "learning_rate": 5e-5,
+                "max_steps": STUDENT_STEPS - 2 * steps,
+                "learning_rate": STUDENT_DPO["learning_rate"],
                 "beta": 0.1,
                 "precompute_ref_log_probs": True,
                 "seed": seed,
@@ -336,6 +366,7 @@ def mod_student(seed: int) -> list:
 # Each distillation method adds its stages here; the evaluated model is the last stage's output.
 METHOD_STAGES: dict[str, Callable[[int], list[Stage]]] = {
     "dpo": student_dpo,
+    "sft_chosen": sft_chosen_student,
     "dckd": dckd_student,
     "adpa": adpa_student,
     "adpa_plus": adpa_plus_student,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .task import prompts, reward
+from .task import evaluation_prompts, reward
 
 
 @dataclass(frozen=True)
@@ -61,18 +61,23 @@ def generate_responses(
 
 
 def evaluate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int = 200, seed: int = 10_000, batch_size: int = 64
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "test",
+    batch_size: int = 64,
 ) -> Evaluation:
-    """Mean ground-truth reward, capability accuracy and preference rate over `n` held-out prompts (greedy).
-
-    The default seed is far from the training seeds, so evaluation prompts are (mostly) unseen.
-    """
-    prompt_texts = prompts(n, seed)
+    """Mean ground-truth reward, capability accuracy and preference rate (greedy) over the first `n` (default all)
+    distinct prompts of `seed`'s `split`: "validation" to tune, "test" to report. Both are disjoint from every
+    training prompt by construction (`task.split_of`)."""
+    prompt_texts = evaluation_prompts(split, seed, n)
     responses = generate_responses(model, tokenizer, prompt_texts, batch_size=batch_size)
     rewards = [reward(p, r) for p, r in zip(prompt_texts, responses)]
+    count = len(prompt_texts)
     return Evaluation(
-        reward=sum(r.total for r in rewards) / n,
-        capability=sum(r.capability for r in rewards) / n,
-        preference=sum(r.preference for r in rewards) / n,
-        n=n,
+        reward=sum(r.total for r in rewards) / count,
+        capability=sum(r.capability for r in rewards) / count,
+        preference=sum(r.preference for r in rewards) / count,
+        n=count,
     )

@@ -14,6 +14,7 @@ rate, and "did it transfer capability?" is the exact-match rate — both known e
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ OPERATIONS = ("reverse", "sort")
 POLITE = "sure,"
 BLUNT = "fine,"
 MIN_LETTERS, MAX_LETTERS = 3, 6
+SPLITS = ("train", "validation", "test")
+# Every prompt string belongs to exactly one split, by a hash of the string (1 in 10 test, 1 in 10 validation):
+# disjoint by construction, whatever the seed or the number of prompts drawn.
+SPLIT_BUCKETS = {0: "test", 1: "validation"}
+# The quickstart's data sizes (SFT rows, preference pairs, rollout prompts) and evaluation sizes per seed.
+DATA_SIZES = {"n_sft": 4000, "n_pairs": 1000, "n_prompts": 256}
+EVAL_SIZES = {"validation": 200, "test": 500}
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,34 @@ def reward(prompt: str, response: str) -> Reward:
     return Reward(capability=float(body == answer(prompt)), preference=float(polite))
 
 
-def prompts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [make_prompt(rng) for _ in range(n)]
+def split_of(prompt: str) -> str:
+    """The split `prompt` belongs to: a pure function of the string, so no prompt is ever in two splits."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") % 10
+    return SPLIT_BUCKETS.get(bucket, "train")
+
+
+def prompts(n: int, seed: int, split: str = "train", unique: bool = False) -> list[str]:
+    """`n` prompts of `split`, drawn with `seed` (rejection sampling from the task's prompt distribution).
+    `unique`: no repeats (evaluation sets), at most the split's size of distinct prompts."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, found {split!r}")
+    rng = random.Random(f"{split}:{seed}")
+    drawn: list[str] = []
+    seen: set[str] = set()
+    while len(drawn) < n:
+        prompt = make_prompt(rng)
+        if split_of(prompt) != split or (unique and prompt in seen):
+            continue
+        seen.add(prompt)
+        drawn.append(prompt)
+    return drawn
+
+
+def evaluation_prompts(split: str, seed: int, n: int | None = None) -> list[str]:
+    """The distinct validation or test prompts of `seed` (the first `n` of them; default the split's full size)."""
+    if split not in EVAL_SIZES:
+        raise ValueError(f"evaluation split must be validation or test, found {split!r}")
+    return prompts(EVAL_SIZES[split], seed, split=split, unique=True)[:n]
 
 
 def _user(prompt: str) -> list[dict[str, str]]:
@@ -123,6 +156,32 @@ def preference_rows(n: int, seed: int, wrong_rejected_fraction: float = 0.25) ->
 
 def prompt_rows(n: int, seed: int) -> list[dict]:
     return [{"id": f"prompt-{seed}-{i}", "prompt": _user(p)} for i, p in enumerate(prompts(n, seed))]
+
+
+def task_data(seed: int, n_sft: int, n_pairs: int, n_prompts: int) -> dict[str, list[dict]]:
+    """The training files of one seed (SFT rows, preference pairs, rollout prompts), all from the train split."""
+    return {
+        "sft.jsonl": sft_rows(n_sft, seed=seed),
+        "pairs.jsonl": preference_rows(n_pairs, seed=seed + 1),
+        "prompts.jsonl": prompt_rows(n_prompts, seed=seed + 2),
+    }
+
+
+def _prompt_text(row: dict) -> str:
+    return row["prompt"][0]["content"]
+
+
+def task_splits(seed: int, **data_sizes: int) -> dict[str, list[str]]:
+    """`{"train": [...], "validation": [...], "test": [...]}` for `seed`: "train" holds every distinct prompt that
+    any training or data-generation file of that seed uses (`task_data` with `DATA_SIZES` unless given); validation
+    and test are the evaluation sets. Tune on validation, report on test."""
+    sizes = {**DATA_SIZES, **data_sizes}
+    used = {_prompt_text(row) for rows in task_data(seed, **sizes).values() for row in rows}
+    return {
+        "train": sorted(used),
+        "validation": evaluation_prompts("validation", seed),
+        "test": evaluation_prompts("test", seed),
+    }
 
 
 def task_corpus(n: int = 400, seed: int = 0) -> Iterator[str]:
