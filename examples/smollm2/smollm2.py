@@ -111,8 +111,26 @@ def _arithmetic(rng: random.Random, count: int) -> Iterator[Problem]:
         yield Problem(f"Which number is larger, {a} or {b}?", str(max(a, b)), "larger")
 
 
+_SUM_OR_PRODUCT = re.compile(r"What is (\d+) (\+|times) (\d+)\?")
+_LARGER = re.compile(r"Which number is larger, (\d+) or (\d+)\?")
+
+
+def problem_key(prompt: str) -> str:
+    """What makes two prompts the same problem: the prompt text, except that the operands of `+`, `times` and
+    larger-of-two are sorted ("What is 6 times 4?" and "What is 4 times 6?" are one problem, key `4 times 6`)."""
+    text = prompt.strip()
+    if match := _SUM_OR_PRODUCT.fullmatch(text):
+        a, b = sorted((int(match[1]), int(match[3])))
+        return f"{a} {match[2]} {b}"
+    if match := _LARGER.fullmatch(text):
+        a, b = sorted((int(match[1]), int(match[2])))
+        return f"larger of {a} and {b}"
+    return text
+
+
 def all_problems(seed: int = 0, arithmetic_rounds: int = 40) -> list[Problem]:
-    """Every problem, deduplicated by prompt, in a fixed order (the same on every machine for a seed)."""
+    """Every problem, deduplicated by `problem_key` (the first one drawn is kept), in a fixed order (the same on every
+    machine for a seed)."""
     rng = random.Random(seed)
     problems = [
         *_arithmetic(rng, arithmetic_rounds),
@@ -121,12 +139,18 @@ def all_problems(seed: int = 0, arithmetic_rounds: int = 40) -> list[Problem]:
         *(Problem(f"What is the plural of the word '{w}'?", a, "plural") for w, a in PLURALS.items()),
         *(Problem(f"{q} Answer yes or no.", a, "yes_no") for q, a in YES_NO),
     ]
-    return list({p.prompt: p for p in problems}.values())
+    unique: dict[str, Problem] = {}
+    for problem in problems:
+        unique.setdefault(problem_key(problem.prompt), problem)
+    return list(unique.values())
 
 
 def split_of(prompt: str, eval_fraction: float = 0.3) -> str:
-    """`train` or `eval`, by a hash of the prompt: stable under reordering and edits of other prompts."""
-    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") / 2**32
+    """`train` or `eval`, by a hash of the prompt's `problem_key`: a problem and any reordering of its operands always
+    land in the same split, so no held-out problem is a training problem written differently; stable under
+    reordering and edits of other prompts."""
+    key = problem_key(prompt)
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
     return "eval" if bucket < eval_fraction else "train"
 
 

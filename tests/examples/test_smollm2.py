@@ -6,6 +6,7 @@ the same pipeline runs end to end at smoke size on a tiny stand-in teacher packe
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ import pytest
 import yaml
 
 from align_distill.pipeline import Pipeline, references
-from examples.smollm2.smollm2 import Problem, all_problems, check_answer, is_concise, score, split_of, write_prompts
+from examples.smollm2.smollm2 import (
+    Problem,
+    all_problems,
+    check_answer,
+    is_concise,
+    problem_key,
+    score,
+    split_of,
+    write_prompts,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "smollm2" / "pipeline.yaml"
@@ -52,15 +62,76 @@ def test_config_parses_and_every_stage_config_validates():
             assert callable(load_callable(stage.target))
 
 
+def _prompts(path: Path) -> list[str]:
+    """The user text of every row of a prompts / pairs / SFT JSONL file (plain or conversational `prompt`)."""
+    texts = []
+    for line in path.read_text().splitlines():
+        prompt = json.loads(line)["prompt"]
+        texts.append(prompt if isinstance(prompt, str) else [m for m in prompt if m["role"] == "user"][-1]["content"])
+    return texts
+
+
+def _assert_no_held_out_problem_in(train_prompts: list[str]) -> None:
+    held_out = _prompts(EXAMPLES / "prompts_eval.jsonl")
+    assert not set(held_out) & set(train_prompts), "a held-out prompt is in the training data"
+    leaked = {problem_key(p) for p in held_out} & {problem_key(p) for p in train_prompts}
+    assert not leaked, f"held-out problems in the training data, written differently: {sorted(leaked)[:5]}"
+
+
 def test_shipped_prompts_are_the_generators_and_split_by_hash(tmp_path):
-    assert write_prompts(tmp_path) == {"train": 222, "eval": 93}
+    counts = write_prompts(tmp_path)
+    assert counts == {"train": 211, "eval": 100}
+    readme = (EXAMPLES / "README.md").read_text()
+    for split, rows in counts.items():  # the README's table of the files says how many rows each has
+        assert f"| `prompts_{split}.jsonl` | {rows} |" in readme
+    assert f"{counts['train']} training and {counts['eval']} held-out" in CONFIG.read_text()  # its header comment
     for split in ("train", "eval"):
         assert (tmp_path / f"prompts_{split}.jsonl").read_text() == (EXAMPLES / f"prompts_{split}.jsonl").read_text()
-    train = {json.loads(x)["prompt"][0]["content"] for x in (EXAMPLES / "prompts_train.jsonl").open()}
-    held_out = {json.loads(x)["prompt"][0]["content"] for x in (EXAMPLES / "prompts_eval.jsonl").open()}
-    assert not train & held_out
-    assert all(split_of(p) == "eval" for p in held_out)
-    assert len({p.prompt for p in all_problems()}) == 315
+    train = _prompts(EXAMPLES / "prompts_train.jsonl")
+    held_out = _prompts(EXAMPLES / "prompts_eval.jsonl")
+    assert len(set(train)) == len(train) and len(set(held_out)) == len(held_out)
+    assert all(split_of(p) == "train" for p in train) and all(split_of(p) == "eval" for p in held_out)
+    _assert_no_held_out_problem_in(train)
+    problems = all_problems()
+    assert len(problems) == 311 and len({problem_key(p.prompt) for p in problems}) == len(problems)
+    assert sorted(train + held_out) == sorted(p.prompt for p in problems)
+
+
+def test_split_keeps_a_problem_and_its_reorderings_together():
+    """Before the split went by `problem_key`, "What is 4 times 6?" was held out while "What is 6 times 4?" trained."""
+    pairs = [
+        ("What is 4 times 6?", "What is 6 times 4?"),
+        ("What is 3 + 41?", "What is 41 + 3?"),
+        ("Which number is larger, 37 or 52?", "Which number is larger, 52 or 37?"),
+    ]
+    for a, b in pairs:
+        assert problem_key(a) == problem_key(b) and split_of(a) == split_of(b)
+    assert problem_key("What is 52 - 37?") != problem_key("What is 37 - 52?")  # not commutative: two problems
+    assert problem_key("What is the capital of Peru?") == "What is the capital of Peru?"
+    # every generated prompt, in either order, lands in the split of its problem
+    for problem in all_problems(seed=1):
+        swapped, swaps = re.subn(r"(\d+) (\+|times|or) (\d+)", r"\3 \2 \1", problem.prompt)
+        assert swaps == (problem.kind in ("add", "multiply", "larger"))
+        assert split_of(swapped) == split_of(problem.prompt)
+
+
+def test_only_the_evaluate_stage_reads_the_held_out_prompts():
+    """The training chain starts from the training prompts alone; the held-out file feeds the final evaluation only,
+    and no stage reads the evaluation's outputs."""
+    stages = _recipe()["stages"]
+    readers = {s["name"] for s in stages if "prompts_eval" in json.dumps(s["config"])}
+    assert readers == {"evaluate"} and stages[-1]["name"] == "evaluate"
+    assert "${evaluate}" not in json.dumps(stages)
+    files = {
+        s["name"]: v
+        for s in stages
+        for v in s["config"].values()
+        if isinstance(v, str) and v.startswith("examples/smollm2/") and v.endswith(".jsonl")
+    }
+    assert files == {
+        "teacher_samples": "examples/smollm2/prompts_train.jsonl",
+        "evaluate": "examples/smollm2/prompts_eval.jsonl",
+    }
 
 
 @pytest.mark.parametrize(
@@ -163,6 +234,11 @@ def test_pipeline_runs_at_smoke_size_on_a_tiny_stand_in(tiny_models, tmp_path, m
     report = (run_dir / "report.md").read_text()
     assert "| student_adpa_plus (after) |" in report and "preference rate" in report
     assert len((run_dir / "evaluate" / "responses" / "student_adpa_plus_after.jsonl").read_text().splitlines()) == 4
+    # everything the example trains on (pairs: DPO, DCKD, the rollout's prompts, ADPA's SFT term; sft: the healing
+    # SFT) holds no held-out problem
+    trained_on = _prompts(run_dir / "data" / "pairs.jsonl") + _prompts(run_dir / "data" / "sft.jsonl")
+    assert trained_on
+    _assert_no_held_out_problem_in(trained_on)
 
 
 def test_pairs_skip_rows_with_an_empty_sample(tmp_path):
