@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 from PIL import Image, ImageDraw
 
-from .task import BLUNT, POLITE, Reward
+from .task import BLUNT, POLITE, SPLITS, Reward, split_of
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -69,20 +69,28 @@ class Scene:
         return image
 
 
-def scenes(n: int, seed: int) -> list[Scene]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
+def scene_split(scene: Scene) -> str:
+    """The split a scene belongs to, by a hash of its content (as the text task's prompts): disjoint splits."""
+    return split_of(f"{scene.colour}|{scene.shape}|{scene.box}|{scene.asks}")
+
+
+def scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
+    """`n` scenes of `split` drawn with `seed` (training data: "train"; evaluation: "test" or "validation")."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, found {split!r}")
+    rng = random.Random(f"{split}:{seed}")
+    out: list[Scene] = []
+    while len(out) < n:
         size = rng.randint(14, 24)
         x0, y0 = rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size)
-        out.append(
-            Scene(
-                colour=rng.choice(list(COLOURS)),
-                shape=rng.choice(SHAPES),
-                box=(x0, y0, x0 + size - 1, y0 + size - 1),
-                asks=rng.choice(list(QUESTIONS)),
-            )
+        scene = Scene(
+            colour=rng.choice(list(COLOURS)),
+            shape=rng.choice(SHAPES),
+            box=(x0, y0, x0 + size - 1, y0 + size - 1),
+            asks=rng.choice(list(QUESTIONS)),
         )
+        if scene_split(scene) == split:
+            out.append(scene)
     return out
 
 
@@ -260,9 +268,10 @@ def generate_visual_responses(
     return responses
 
 
-def evaluate_visual(model: Any, processor: Any, n: int = 200, seed: int = 10_000) -> VisualEvaluation:
-    """Mean ground-truth reward, capability and preference rate over `n` held-out scenes (greedy decoding)."""
-    items = scenes(n, seed)
+def evaluate_visual(model: Any, processor: Any, n: int = 200, seed: int = 0, split: str = "test") -> VisualEvaluation:
+    """Mean ground-truth reward, capability and preference rate over `n` scenes of `seed`'s `split` (greedy
+    decoding); no training scene is ever in it (`scene_split`)."""
+    items = scenes(n, seed, split=split)
     rewards = [reward(s, r) for s, r in zip(items, generate_visual_responses(model, processor, items))]
     return VisualEvaluation(
         reward=sum(r.total for r in rewards) / n,

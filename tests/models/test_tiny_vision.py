@@ -105,3 +105,11 @@ def test_evaluate_visual_scores_generations(llava, monkeypatch):
         visual, "generate_visual_responses", lambda m, p, items: [visual.respond(s.answer, True) for s in items]
     )
     assert visual.evaluate_visual(model, processor, n=6, seed=5).reward == 1.0
+
+
+def test_evaluation_scenes_never_occur_in_the_training_data():
+    train = {visual.scene_split(s) for s in visual.scenes(300, seed=0)}
+    assert train == {"train"}
+    training = set(visual.scenes(256, seed=0)) | set(visual.scenes(128, seed=1))  # write_visual_data's SFT and pairs
+    test = visual.scenes(200, seed=0, split="test")
+    assert {visual.scene_split(s) for s in test} == {"test"} and not training & set(test)
