@@ -9,7 +9,12 @@ from typing import Any
 _EXPORTS = {
     # chunked full-vocabulary machinery, shared by every full-vocabulary loss
     "kd_loss": "divergence",
+    "token_divergence": "divergence",
     "chunked_token_map": "divergence",
+    # the divergence family on log-probability rows (docs/methods/kd.md), shared by kd_loss and topk_kd_loss
+    "divergence_from_logprobs": "divergences",
+    "divergence_params": "divergences",
+    "DIVERGENCE_PARAMS": "divergences",
     # DCKD / ADPA (docs/methods/dckd_adpa.md)
     "topk_kd_loss": "topk",
     "adpa_advantages": "adpa",

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .divergences import Divergence, divergence_from_logprobs, divergence_params
 from .reduction import Reduction, masked_mean
-
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
 # Default chunk: about 2**19 elements per float32 intermediate (2 MiB), 10 rows at V=49152, 3 at V=152064. A chunk's
 # autograd work keeps a few dozen such buffers alive at once; measured at V=49152, T=2048 (bench/loss_kernels.py):
@@ -158,30 +156,29 @@ def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     divergence: Divergence = "forward_kl",
-    beta: float = 0.5,
+    beta: float | None = None,
     temperature: float = 1.0,
+    **params: float,
 ) -> torch.Tensor:
     """Divergence `[...]` between the two softmax distributions over the last dim (plain, unchunked rows).
 
-    `forward_kl` = KL(teacher ‖ student); `reverse_kl` = KL(student ‖ teacher); `jsd` = TRL's generalized JSD
-    (GKD, arXiv 2306.13649 Eq. 1; `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`): with the mixture
-    m = (1 − β)·p_student + β·p_teacher, JSD_β = β·KL(p_teacher ‖ m) + (1 − β)·KL(p_student ‖ m); like TRL,
-    β = 0 gives the forward KL and β = 1 the reverse KL. Both logits are divided by `temperature` (no T² factor).
+    The family and its parameters are those of `divergences.divergence_from_logprobs` (forward_kl, reverse_kl,
+    jsd, skew_forward_kl, skew_reverse_kl, tvd, akl, taid). `jsd` is TRL's generalized JSD (GKD, arXiv 2306.13649
+    Eq. 1; `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`). Both logits are divided by `temperature`
+    (no T² factor). `beta` keeps its historic place: forward_kl and reverse_kl (JSD's β = 0 and β = 1) ignore it.
     """
+    resolved = divergence_params(divergence, _with_beta(divergence, beta, params))
     log_s = F.log_softmax(_finite(student_logits / temperature), dim=-1)
     log_t = F.log_softmax(_finite(teacher_logits / temperature), dim=-1)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
-    if divergence == "forward_kl":
-        return _kl(log_t, log_s)
-    if divergence == "reverse_kl":
-        return _kl(log_s, log_t)
-    if divergence == "jsd":
-        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-        return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
-    raise ValueError(f"unknown divergence {divergence!r}; expected forward_kl, reverse_kl or jsd")
+    return divergence_from_logprobs(log_s, log_t, divergence, resolved)
+
+
+def _with_beta(divergence: str, beta: float | None, params: dict[str, float]) -> dict[str, float]:
+    """`params` plus the positional-era `beta`, which callers passed with every divergence before the family grew:
+    the two plain KLs ignore it (as they always did); every other divergence but jsd rejects it."""
+    if beta is None or divergence in ("forward_kl", "reverse_kl"):
+        return params
+    return {"beta": beta, **params}
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
@@ -190,11 +187,6 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     One clamp is cheaper than guarding every product with `where`; NaN still propagates.
     """
     return logits.clamp(min=torch.finfo(logits.dtype).min)
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) over the last dim from finite log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def check_logits(student_logits: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, other_name: str) -> None:
@@ -221,28 +213,33 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     divergence: Divergence = "forward_kl",
-    beta: float = 0.5,
+    beta: float | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
     reduction: Reduction = "token_mean",
+    **params: float,
 ) -> torch.Tensor:
-    """Full-vocabulary distillation loss (DCKD `paper` mode, docs/methods/dckd_adpa.md §3.3; LLaVA-MoD mimic KL).
+    """Full-vocabulary distillation loss (docs/methods/kd.md; DCKD `paper` mode, docs/methods/dckd_adpa.md §3.3;
+    LLaVA-MoD mimic KL).
 
     Shapes: `student_logits`, `teacher_logits` `[B, T, V]` (row t predicts response token t; a padded teacher
-    head must be sliced to the student's V by the caller), `mask` `[B, T]`. Per-token divergence as in
-    `token_divergence`, chunked by `chunked_token_map`, reduced by `masked_mean(…, reduction)` (default: token mean
-    pooled over the batch). Gradient flows to `student_logits` only if the teacher does not require grad.
+    head must be sliced to the student's V by the caller), `mask` `[B, T]`. `divergence` and its parameters
+    (defaults): forward_kl, reverse_kl, jsd (`beta`=0.5), skew_forward_kl / skew_reverse_kl (`alpha`=0.1), tvd,
+    akl (`mu`=0.5), taid (`taid_t`, required); see `divergences.divergence_from_logprobs`. A parameter the
+    divergence does not take, or one outside [0, 1], is a ValueError (forward_kl and reverse_kl ignore `beta`, as
+    they always did). Per-token values come from `chunked_token_map` (no full-size float32 work), reduced by
+    `masked_mean(…, reduction)` (default: token mean pooled over the batch). Gradient flows to `student_logits`
+    only if the teacher does not require grad (TAID's target holds a detached copy of the student).
     """
     check_logits(student_logits, teacher_logits, mask, "teacher_logits")
-    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
-        raise ValueError(f"unknown divergence {divergence!r}; expected forward_kl, reverse_kl or jsd")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd beta must lie in [0, 1], found {beta}")
+    resolved = divergence_params(divergence, _with_beta(divergence, beta, params))
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, found {temperature}")
 
     def per_token(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return token_divergence(student, teacher, divergence, beta, temperature)
+        log_s = F.log_softmax(_finite(student / temperature), dim=-1)
+        log_t = F.log_softmax(_finite(teacher / temperature), dim=-1)
+        return divergence_from_logprobs(log_s, log_t, divergence, resolved)
 
     values = chunked_token_map(per_token, student_logits, teacher_logits, mask=mask, chunk_size=chunk_size)
     return masked_mean(values, mask.bool(), reduction)

@@ -1,4 +1,5 @@
-"""Top-k + rest-bucket forward KL from cached teacher signals (DCKD, docs/methods/dckd_adpa.md §3.2-§3.3).
+"""Top-k + rest-bucket divergences from cached teacher signals (DCKD, docs/methods/dckd_adpa.md §3.2-§3.3; the
+divergence family of docs/methods/kd.md).
 
 The teacher-signal cache holds, per response token, the teacher's top-k ids and log-probs; the student's
 probability of the same k ids plus one "rest" bin (all other tokens) makes a (K+1)-bin distribution. The
@@ -12,6 +13,7 @@ from typing import Literal
 import torch
 
 from .divergence import chunked_token_map
+from .divergences import Divergence, divergence_from_logprobs, divergence_params
 from .reduction import Reduction, masked_mean
 
 Mode = Literal["paper", "official"]
@@ -96,6 +98,21 @@ def _official_rows(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tens
     return (target * (target.log() - student.log())).sum(-1)
 
 
+def topk_bins(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K+1)-bin log-probabilities `[n, K + 1]` of the student and the teacher: the K ids, then the rest bin.
+
+    Student rest: exact, from the logits (`gather_topk`). Teacher rest: 1 − Σ p_topk in log space, ln(−expm1(lse))
+    of the top-k log-probs, which keeps its digits when the top-k mass is near 1; clamped at 0 (a rounded cache can
+    sum past 1), and 0 when the ids cover the whole vocabulary. Ids ≥ V read -inf on both sides.
+    """
+    log_q, log_q_rest, valid = gather_topk(logits, ids)
+    log_p = torch.where(valid, logprobs, float("-inf"))
+    rest_empty = valid.sum(-1, keepdim=True) == logits.shape[-1]
+    p_rest = torch.where(rest_empty, 0.0, (-torch.expm1(log_p.logsumexp(-1, keepdim=True))).clamp(min=0.0))
+    log_p_rest = torch.where(p_rest > 0, torch.where(p_rest > 0, p_rest, 1.0).log(), float("-inf"))
+    return torch.cat([log_q, log_q_rest.unsqueeze(-1)], -1), torch.cat([log_p, log_p_rest], -1)
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -104,21 +121,38 @@ def topk_kd_loss(
     mode: Mode = "paper",
     chunk_size: int | None = None,
     reduction: Reduction = "token_mean",
+    divergence: Divergence = "forward_kl",
+    **params: float,
 ) -> torch.Tensor:
-    """DCKD forward KL(teacher ‖ student) over the K teacher tokens plus one rest bucket
-    (docs/methods/dckd_adpa.md §3).
+    """A divergence between teacher and student over the K teacher tokens plus one rest bucket
+    (docs/methods/dckd_adpa.md §3; docs/methods/kd.md for the family).
 
     Shapes: `student_logits [B, T, V]`, `teacher_ids [B, T, K]` int, `teacher_logprobs [B, T, K]` (natural log),
-    `mask [B, T]`. `paper` (§3.3): no clamps, exact rest log-mass; equals the full-vocabulary KL when K = V.
-    `official` (§3.2): P and Q clipped to [1e-8, 1 − 1e-8], Q floored at 1e-7, Q_rest = 1 − Σ q. Teacher ids ≥ V
-    go to the rest bucket in both modes. Reduced by `masked_mean(…, reduction)` (default: pooled token mean).
+    `mask [B, T]`. Default: DCKD's forward KL(teacher ‖ student). `paper` (§3.3): no clamps, exact rest log-mass;
+    equals the full-vocabulary loss when K = V, for every `divergence` (same names and `params` as `kd_loss`,
+    computed on the (K+1)-bin distributions of `topk_bins`: AKL's head/tail split sorts those bins, the rest bin
+    among them; TAID's target is the softmax of (1 − t)·stopgrad(ln q) + t·ln p over the bins). `official`
+    (§3.2, forward_kl only): P and Q clipped to [1e-8, 1 − 1e-8], Q floored at 1e-7, Q_rest = 1 − Σ q. Teacher
+    ids ≥ V go to the rest bucket in both modes. No temperature: the cache holds the teacher at τ = 1. Reduced by
+    `masked_mean(…, reduction)` (default: pooled token mean).
     """
     check_topk_signals(student_logits, teacher_ids, teacher_logprobs, mask, "teacher_ids,teacher_logprobs")
-    if mode == "paper":
-        rows = _paper_rows
-    elif mode == "official":
-        rows = _official_rows
-    else:
+    resolved = divergence_params(divergence, params)
+    if mode not in ("paper", "official"):
         raise ValueError(f"unknown mode {mode!r}; expected paper or official")
+    if mode == "official" and divergence != "forward_kl":
+        raise ValueError(
+            f"mode 'official' (the official DCKD code's clamped formula) only supports divergence forward_kl, found "
+            f"{divergence!r}; use mode 'paper' for the other divergences"
+        )
+
+    def divergence_rows(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        log_q, log_p = topk_bins(logits, ids, logprobs)
+        return divergence_from_logprobs(log_q, log_p, divergence, resolved)
+
+    if divergence == "forward_kl":  # DCKD's own rows, unchanged
+        rows = _paper_rows if mode == "paper" else _official_rows
+    else:
+        rows = divergence_rows
     values = chunked_token_map(rows, student_logits, teacher_ids, teacher_logprobs, mask=mask, chunk_size=chunk_size)
     return masked_mean(values, mask.bool(), reduction)
