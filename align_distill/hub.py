@@ -9,6 +9,10 @@ can hold a hub token), no checkpoints, no optimizer states.
 The token comes from `HF_TOKEN` (or a recipe's `hub_token`) or the stored `huggingface-cli login`; it goes to
 `huggingface_hub.HfApi` and nowhere else: logs, the card, the uploaded files and error messages are scrubbed of it.
 `align-distill push --dry-run` (`write_dry_run`) writes the upload folder locally instead: no network, no token.
+
+An adapter's `base_model_name_or_path` must name a hub id in the upload (`adapter_base`): `--base-model`, else the
+recorded value when it is one, else the hub id the run records for the local base folder; with none of these the push
+(and the dry run) is refused before anything is staged. Only the staged copy of adapter_config.json is rewritten.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,15 @@ import huggingface_hub
 
 from align_distill.errors import UserError
 from align_distill.model_card import render_card
-from align_distill.provenance import ProvenanceError, collect_provenance, find_model, publicize
+from align_distill.provenance import (
+    ProvenanceError,
+    Run,
+    base_hub_id,
+    collect_provenance,
+    find_model,
+    is_hub_id,
+    publicize,
+)
 from align_distill.redaction import scrub
 from align_distill.run_files import PROVENANCE_FILE
 
@@ -71,6 +84,58 @@ def publishable_files(model_dir: Path) -> list[str]:
     return chosen
 
 
+@dataclass
+class Publication:
+    """What one push uploads, checked before anything is written: the model folder, its files, the provenance
+    record and, for an adapter, the hub id its staged adapter_config.json names as the base (None: as recorded)."""
+
+    model_dir: Path
+    run: Run
+    files: list[str]
+    provenance: dict[str, Any]
+    base_model: str | None = None
+
+
+def prepare_publication(path: str | Path, stage: str | None = None, base_model: str | None = None) -> Publication:
+    """Every check of a push (a model, safetensors weights, an adapter base a downloader can load), nothing
+    written, so that a refused push or dry run leaves no half-staged folder behind."""
+    model_dir, run, _ = find_model(path, stage)
+    provenance = collect_provenance(path, stage)
+    files = publishable_files(model_dir)
+    publication = Publication(model_dir, run, files, provenance)
+    if provenance["format"] == "adapter":
+        publication.base_model = adapter_base(model_dir / "adapter_config.json", provenance, base_model)
+    return publication
+
+
+def adapter_base(config_path: Path, provenance: dict[str, Any], base_model: str | None = None) -> str | None:
+    """The hub id the published adapter names as its base: `base_model` (`--base-model`), else the recorded
+    `base_model_name_or_path` when it is a hub id (None: kept as is), else the hub id the run records for that local
+    folder (`provenance.base_hub_id`). A local folder nobody downloading the adapter has, with no hub id known, is
+    refused: the published adapter would not load anywhere else."""
+    if base_model is not None:
+        if not is_hub_id(base_model):
+            raise PushError(f"--base-model {base_model!r} is not a hub id; give the base model's id, e.g. ORG/NAME")
+        return base_model
+    try:
+        recorded = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as error:
+        raise PushError(f"{config_path}: unreadable adapter config ({error})") from None
+    if is_hub_id(recorded):
+        return None
+    known = base_hub_id(provenance, recorded if isinstance(recorded, str) else "")
+    if known is not None:
+        logger.info(
+            "the adapter's base %s is a local copy of %s: the published adapter names the hub id", recorded, known
+        )
+        return known
+    found = f"is the local folder {recorded}" if isinstance(recorded, str) and recorded else "is not set"
+    raise PushError(
+        f"{config_path}: the adapter's base_model_name_or_path {found}, and the run records no hub id for it; pass "
+        "--base-model HUB_ID (the base model's id on the hub) so that the published adapter loads anywhere"
+    )
+
+
 def stage_publication(
     path: str | Path,
     repo_id: str,
@@ -83,26 +148,26 @@ def stage_publication(
     """Fill `out` with exactly what is uploaded (the weights, the card, the record); returns the record.
 
     `base_model` (a hub id) replaces an adapter's `base_model_name_or_path`, which after local training is a local
-    folder that nobody downloading the adapter has. `license`: the card's license (an SPDX / hub license id).
-    `link`: hard-link the weights (a temporary upload folder) instead of copying them (a dry run's folder, which
-    the user may edit without writing through into the run)."""
-    model_dir, run, _ = find_model(path, stage)
-    provenance = collect_provenance(path, stage)
-    for name in publishable_files(model_dir):
-        (_link_or_copy if link else shutil.copy2)(model_dir / name, out / name)
+    folder that nobody downloading the adapter has (see `adapter_base`). `license`: the card's license (an SPDX /
+    hub license id). `link`: hard-link the weights (a temporary upload folder) instead of copying them (a dry run's
+    folder, which the user may edit without writing through into the run)."""
+    return write_publication(prepare_publication(path, stage, base_model), repo_id, out, license, link)
+
+
+def write_publication(
+    publication: Publication, repo_id: str, out: Path, license: str | None = None, link: bool = True
+) -> dict[str, Any]:
+    """Write a checked `Publication` into `out` (see `stage_publication`); returns the record."""
+    provenance = publication.provenance
+    for name in publication.files:
+        (_link_or_copy if link else shutil.copy2)(publication.model_dir / name, out / name)
     if provenance["format"] == "adapter":
         config = json.loads((out / "adapter_config.json").read_text())
-        if base_model:
-            config["base_model_name_or_path"] = base_model
+        if publication.base_model is not None:
+            config["base_model_name_or_path"] = publication.base_model
             (out / "adapter_config.json").unlink()  # a hard link: never write through it into the run folder
             (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        elif Path(str(config.get("base_model_name_or_path"))).expanduser().exists():
-            logger.warning(
-                "the adapter's base model is the local folder %s; pass --base-model ORG/NAME (its hub id) so that "
-                "the published adapter loads anywhere",
-                config["base_model_name_or_path"],
-            )
-        provenance["published_base_model"] = publicize(config.get("base_model_name_or_path"), run)
+        provenance["published_base_model"] = publicize(config.get("base_model_name_or_path"), publication.run)
     (out / "README.md").write_text(render_card(provenance, repo_id, license=license))
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return provenance
@@ -177,14 +242,15 @@ def write_dry_run(
 ) -> Path:
     """Write exactly what `push_run` would upload (copies of the weights, the card, the record) into `out` (new or
     empty; default: a new temporary folder) and return it. No network, no token."""
-    if out is None:
+    target = Path(out).expanduser() if out is not None else None
+    if target is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise PushError(f"{target}: --out must be a new or empty folder")
+    publication = prepare_publication(path, stage, base_model)  # a refused push stages nothing
+    if target is None:
         target = Path(tempfile.mkdtemp(prefix="align-distill-push-dry-run-"))
     else:
-        target = Path(out).expanduser()
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise PushError(f"{target}: --out must be a new or empty folder")
         target.mkdir(parents=True, exist_ok=True)
-    stage_publication(path, repo_id, target, stage, base_model, license, link=False)
+    write_publication(publication, repo_id, target, license, link=False)
     return target
 
 
@@ -232,12 +298,20 @@ def push_command(
     return 0
 
 
-def push_stage(out: Path, model: str, repo_id: str, private: bool = False, revision: str | None = None) -> dict:
-    """Pipeline `call` stage: publish the stage folder `model` (e.g. "${dckd_student}") to `repo_id`.
+def push_stage(
+    out: Path,
+    model: str,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    base_model: str | None = None,
+) -> dict:
+    """Pipeline `call` stage: publish the stage folder `model` (e.g. "${dckd_student}") to `repo_id`; `base_model`
+    as `--base-model` (an adapter trained on a local base folder the run has no hub id for needs it).
 
     - name: publish
       call: align_distill.hub:push_stage
       config: {model: "${dckd_student}", repo_id: my-org/student-dckd, private: true}
     """
-    url = push_run(model, repo_id, private=private, revision=revision)
+    url = push_run(model, repo_id, private=private, revision=revision, base_model=base_model)
     return {"repo_id": repo_id, "url": url, "private": private, "revision": revision}

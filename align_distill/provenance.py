@@ -27,6 +27,8 @@ from align_distill.redaction import redact
 from align_distill.run_files import EVAL_FILE, MARKER, RUN_RECORD
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# a snapshot folder of the hub cache: <cache>/models--ORG--NAME/snapshots/<revision>
+_HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|[\\/])models--([^\\/]+?)--([^\\/]+)[\\/]snapshots[\\/][^\\/]+[\\/]?$")
 ADAPTER_FILES = ("adapter_config.json",)
 MODEL_FILES = ("config.json",)
 # Keys of a training config (or data-generation job) that name frozen models: teachers, references, judges.
@@ -181,6 +183,23 @@ def describe_model(run: Run, value: str, revision: str | None = None, depth: int
     if path.exists():
         return {"path": public_path(path, run), "sha256": model_digest(path)}
     return {"hub_id": value, "revision": revision or "unpinned (main at training time)"}
+
+
+def is_hub_id(value: Any) -> bool:
+    """`value` reads as an `ORG/NAME` hub id and is not a folder of this machine."""
+    return isinstance(value, str) and bool(_HUB_ID.match(value)) and not Path(value).expanduser().exists()
+
+
+def base_hub_id(provenance: dict[str, Any], local_base: str) -> str | None:
+    """The hub id of an adapter's local base folder `local_base`, when the run knows it: the folder is a snapshot
+    of the hub cache (`models--ORG--NAME/snapshots/REV`), or the training config named the base model by its hub id
+    (the folder is its download). None when neither holds: a folder the run knows only by its content."""
+    match = _HUB_CACHE_SNAPSHOT.search(local_base)
+    if match and _HUB_ID.match(f"{match.group(1)}/{match.group(2)}"):
+        return f"{match.group(1)}/{match.group(2)}"
+    trained_from = (provenance.get("student") or {}).get("trained_from") or {}
+    hub_id = trained_from.get("hub_id")  # a stage of the run is another model than its base: never followed
+    return hub_id if is_hub_id(hub_id) else None
 
 
 def origin(model: dict[str, Any]) -> dict[str, Any]:

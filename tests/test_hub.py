@@ -220,7 +220,7 @@ def test_push_never_reveals_the_token(pipeline_run, hub, recipe_secret, monkeypa
     token = fake_token()
     monkeypatch.setenv("HF_TOKEN", token)
     caplog.set_level(logging.DEBUG)
-    assert push_command(str(pipeline_run), REPO_ID) == 0
+    assert push_command(str(pipeline_run), REPO_ID, base_model="my-org/tiny-base") == 0
     assert hub.call("init")["token"] == token  # the credential reaches the hub client, and only it
 
     output = all_text(caplog, capsys)
@@ -234,11 +234,11 @@ def test_push_never_reveals_the_token(pipeline_run, hub, recipe_secret, monkeypa
     # a hub error that quotes the token: the command's message and the exception are scrubbed
     hub.reset()
     hub.fail_with = RuntimeError(f"401 Client Error: invalid credentials {token} for url https://huggingface.co")
-    assert push_command(str(pipeline_run), REPO_ID) == 1
+    assert push_command(str(pipeline_run), REPO_ID, base_model="my-org/tiny-base") == 1
     output = all_text(caplog, capsys)
     assert "401 Client Error" in output and token not in output
     with pytest.raises(PushError) as raised:
-        push_run(pipeline_run, REPO_ID)
+        push_run(pipeline_run, REPO_ID, base_model="my-org/tiny-base")
     text = "".join(traceback.format_exception(raised.value)) + repr(raised.value)
     assert "401 Client Error" in text and token not in text
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
@@ -385,7 +385,7 @@ def test_push_dry_run_writes_the_upload_and_card_locally(tmp_path, hub, monkeypa
 
     # --out must be new or empty; without it, a fresh temporary folder
     assert main(argv) == 1 and "new or empty" in capsys.readouterr().err
-    assert main(["push", str(run), "--repo-id", REPO_ID, "--dry-run"]) == 0
+    assert main(["push", str(run), "--repo-id", REPO_ID, "--dry-run", "--base-model", "my-org/base"]) == 0
     staged = Path(capsys.readouterr().out.split(" is in ", 1)[1].splitlines()[0])
     assert (staged / "README.md").exists() and staged != out
     shutil.rmtree(staged)
@@ -403,6 +403,76 @@ def test_push_stage_is_a_pipeline_call(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hub_module, "push_run", fake_push_run)
     result = hub_module.push_stage(tmp_path / ".publish.partial", model=str(tmp_path / "student"), repo_id="o/n")
-    assert seen == {"path": str(tmp_path / "student"), "repo_id": "o/n", "private": False, "revision": None}
+    assert seen == {
+        "path": str(tmp_path / "student"),
+        "repo_id": "o/n",
+        "private": False,
+        "revision": None,
+        "base_model": None,
+    }
     assert result["url"].endswith("/commit/1")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_push_refuses_an_adapter_whose_base_is_a_local_folder_the_run_has_no_hub_id_for(tmp_path, hub, capsys):
+    """The fake run's adapter names its base by a folder of the training machine, and the run knows no hub id
+    for it: push and push --dry-run refuse in one line naming adapter_config.json and --base-model, before anything
+    is uploaded or staged; the run folder is untouched."""
+    from align_distill.cli import main
+    from tests.test_model_card import make_fake_run
+
+    run = make_fake_run(tmp_path / "machine")
+    student = run / "student"
+    before = {p: p.read_bytes() for p in student.rglob("*") if p.is_file()}
+    out = tmp_path / "staged"
+    for extra in ([], ["--dry-run", "--out", str(out)]):
+        assert main(["push", str(run), "--repo-id", REPO_ID, *extra]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert str(student / "adapter_config.json") in err and "is the local folder" in err
+        assert "--base-model HUB_ID" in err
+    assert hub.calls == [] and not out.exists()  # no hub client, nothing staged
+    assert {p: p.read_bytes() for p in student.rglob("*") if p.is_file()} == before
+    # --base-model must be a hub id, not another local folder
+    assert main(["push", str(run), "--repo-id", REPO_ID, "--dry-run", "--base-model", str(tmp_path)]) == 1
+    assert "--base-model" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("known_by", ["training config", "hub cache"])
+def test_push_names_the_hub_id_of_a_local_base_that_the_run_records(tmp_path, hub, monkeypatch, capsys, known_by):
+    """A local base the run knows a hub id for (the training config named the hub id, or the folder is a snapshot of
+    the hub cache): the staged adapter_config.json names the hub id, in a push and a dry run alike, and the user's
+    file is untouched."""
+    from align_distill.cli import main
+    from tests.test_model_card import make_fake_run
+
+    run = make_fake_run(tmp_path / "machine")
+    student = run / "student"
+    if known_by == "training config":
+        stage = json.loads((student / "stage.json").read_text())
+        _edit_json(student / "stage.json", config={**stage["config"], "model_name_or_path": "my-org/tiny-base"})
+    else:
+        snapshot = tmp_path / "hf" / "hub" / "models--my-org--tiny-base" / "snapshots" / ("0a1b" * 10)
+        shutil.copytree(json.loads((student / "adapter_config.json").read_text())["base_model_name_or_path"], snapshot)
+        _edit_json(student / "adapter_config.json", base_model_name_or_path=str(snapshot))
+        stage = json.loads((student / "stage.json").read_text())
+        _edit_json(student / "stage.json", config={**stage["config"], "model_name_or_path": str(snapshot)})
+    original = (student / "adapter_config.json").read_bytes()
+
+    out = tmp_path / "staged"
+    assert main(["push", str(run), "--repo-id", REPO_ID, "--dry-run", "--out", str(out)]) == 0
+    staged = json.loads((out / "adapter_config.json").read_text())
+    assert staged["base_model_name_or_path"] == "my-org/tiny-base"
+    assert {k: v for k, v in staged.items() if k != "base_model_name_or_path"} == {"peft_type": "LORA", "r": 4}
+    assert ModelCard((out / "README.md").read_text()).data.base_model == "my-org/tiny-base"
+    assert (student / "adapter_config.json").read_bytes() == original
+
+    monkeypatch.setenv("HF_TOKEN", fake_token())
+    assert main(["push", str(run), "--repo-id", REPO_ID]) == 0
+    assert json.loads(hub.uploaded["adapter_config.json"])["base_model_name_or_path"] == "my-org/tiny-base"
+    assert hub.uploaded["README.md"] == (out / "README.md").read_bytes()
+    assert (student / "adapter_config.json").read_bytes() == original

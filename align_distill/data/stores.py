@@ -8,12 +8,19 @@ are concatenated part by part and sorted, stably, by the manifest's `order_by` c
 
 This is the one reader of the format: `load_rows`, `align-distill data validate`, the trainers' dataset loading and
 `align_distill.data_gen.load_store` all read stores through `read_store`.
+
+Failed rows: a job whose manifest names a `failed_column` (`sample` / `rollout`: `error`) commits an input that failed
+for good (e.g. a prompt an OpenAI-compatible server refused) as a row with that column set to the reason, and counts
+them per shard (`num_failed`). `read_store` leaves those rows out, and the column with them (null in every row
+left), and logs how many it skipped, so they never become training rows or the input of the next job;
+`include_failed=True` returns them and the column too (what `retry_failed` retries).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,8 @@ VERSION = 1
 DATA_DIR = "data"
 INPUT_INDEX = "input_index"
 """Column every store row carries: the position of the input row it came from (sort key of `read_store`)."""
+
+logger = logging.getLogger("align_distill.data")
 
 MANIFEST_RE = re.compile(r"^manifest(?:-(\d{5})-of-(\d{5}))?\.json$")
 
@@ -104,15 +113,23 @@ def store_files(path: str | Path, allow_partial: bool = False) -> tuple[list[Pat
     return files, manifests
 
 
-def read_store(path: str | Path, allow_partial: bool = False, cache_dir: str | None = None) -> datasets.Dataset:
+def read_store(
+    path: str | Path, allow_partial: bool = False, cache_dir: str | None = None, include_failed: bool = False
+) -> datasets.Dataset:
     """The store's rows as a `datasets.Dataset` in input order (stable within an input): exactly the rows of the
-    shards its manifests list, read with `datasets.load_dataset("parquet", ...)` so the shards stay memory-mapped."""
+    shards its manifests list, read with `datasets.load_dataset("parquet", ...)` so the shards stay memory-mapped.
+
+    Failed rows (see the module docstring) and their marker column are left out, and their number logged, unless
+    `include_failed`: a row whose generation failed is no data to train on."""
     files, manifests = store_files(path, allow_partial)
     order_by = manifests[0].get("order_by", [INPUT_INDEX])
+    failed_column = manifests[0].get("failed_column")
+    # once failed rows are skipped their column is null in every row: a marker, not data, so it goes too
+    drop = [failed_column] if failed_column and not include_failed else []
     if not files:
         schemas = [decode_schema(m["schema"]) for m in manifests if m.get("schema")]
         empty = schemas[0].empty_table() if schemas else pa.table({INPUT_INDEX: pa.array([], pa.int64())})
-        return datasets.Dataset(empty)
+        return datasets.Dataset(empty.drop_columns([c for c in drop if c in empty.column_names]))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" bars for a local read are noise
     try:
@@ -124,6 +141,35 @@ def read_store(path: str | Path, allow_partial: bool = False, cache_dir: str | N
             datasets.enable_progress_bars()
     keys = [np.asarray(loaded.data.column(column).to_numpy()) for column in order_by]
     order = np.lexsort(keys[::-1])  # stable: rows of one input keep their order
-    if np.array_equal(order, np.arange(len(order))):
-        return loaded
-    return loaded.select(order.tolist())
+    failed = count_failed(manifests)
+    if failed and drop and failed_column in loaded.column_names:
+        good = np.asarray(loaded.data.column(failed_column).is_null().to_numpy(zero_copy_only=False))
+        order = order[good[order]]
+        logger.warning(
+            "%s: skipped %d failed row%s (the job could not generate them; rerun it with retry_failed: true to "
+            "try again)",
+            path,
+            failed,
+            "" if failed == 1 else "s",
+        )
+    if not np.array_equal(order, np.arange(len(loaded))):
+        loaded = loaded.select(order.tolist())
+    drop = [c for c in drop if c in loaded.column_names]
+    return loaded.remove_columns(drop) if drop else loaded
+
+
+def count_failed(manifests: list[dict[str, Any]]) -> int:
+    """Failed rows the manifests' shards hold (0 for stores of jobs without failed rows)."""
+    return sum(int(shard.get("num_failed") or 0) for m in manifests for shard in m["shards"])
+
+
+def store_summary(path: str | Path) -> dict[str, Any]:
+    """The job's summary from its manifests alone: rows committed (failed ones included), failed rows, inputs
+    done, and whether every part is complete."""
+    manifests = read_manifests(path)
+    return {
+        "rows": sum(int(shard.get("num_rows") or 0) for m in manifests for shard in m["shards"]),
+        "failed": count_failed(manifests),
+        "inputs": sum(int(shard.get("num_inputs") or 0) for m in manifests for shard in m["shards"]),
+        "complete": all(m.get("complete") for m in manifests) and len(manifests) == manifests[0]["num_parts"],
+    }

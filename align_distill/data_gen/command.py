@@ -61,7 +61,20 @@ def main(argv: list[str]) -> int:
         print(f"error: {kind} failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     print(f"{kind}: done, rows in {output}")
+    _say_failed(kind, output)
     return 0
+
+
+def _say_failed(kind: str, output: object) -> None:
+    """One stderr line when the store holds rows that failed for good (the stdout line stays the store's path)."""
+    from align_distill.data_gen.store import store_summary
+
+    try:
+        failed = store_summary(str(output)).get("failed", 0)
+    except (OSError, ValueError, KeyError):
+        return
+    if failed:
+        print(f"{kind}: {failed} rows failed for good; rerun with --retry_failed true", file=sys.stderr)
 
 
 if __name__ == "__main__":

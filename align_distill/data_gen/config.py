@@ -100,6 +100,10 @@ class SampleConfig(JobConfig, GeneratorSpec):
     Seeds: sample j of the row with id r is drawn with a seed derived from (seed, r, j), so resuming or splitting
     the job into parts gives the same samples as one uninterrupted run.
 
+    Failed rows: with the `openai` backend a prompt that fails for good (refused, malformed answer, retries spent)
+    is committed as a row with `finish_reason: error` and the reason in `error`, and the job goes on; readers skip
+    such rows, and `retry_failed: true` generates them again.
+
     Deprecated key (one release): `max_new_tokens` → `max_completion_length`.
     """
 
@@ -114,6 +118,11 @@ class SampleConfig(JobConfig, GeneratorSpec):
         "Stop strings (left out of the text; the token ids keep the generated tokens).", factory=list
     )
     seed: int = _help("Base seed of the per-row seeds.", 0)
+    retry_failed: bool = _help(
+        "Generate again the rows that failed for good in an earlier run (backend openai: a prompt the server refused "
+        "or answered malformed); each retried row replaces its failed one.",
+        False,
+    )
 
     def sampling(self) -> SamplingParams:
         try:

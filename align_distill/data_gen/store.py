@@ -34,6 +34,13 @@ Locks (`lock_kind`, or the environment variable ALIGN_DISTILL_STORE_LOCK; defaul
 The read side of the format (recognising a store, reading its committed shards in order) is
 `align_distill.data.stores`, shared with `load_rows`, `data validate` and the trainers.
 
+Failed rows (`failed_column`, e.g. the `sample` job's `error`): an input that failed for good is committed as a row
+whose failed column holds the reason, so that a rerun does not stop on it again; each shard counts its failed rows
+(`num_failed`) and readers skip them. `replace` commits new rows for failed inputs in their place (`retry_failed`):
+every shard holding one of them is rewritten to a new file with the new rows where the old ones were, and one
+manifest write swaps the files, so a crash leaves either the old rows or the new ones, never both; the old files
+are then deleted (or, after a crash, removed as orphans on the next open).
+
 Parts: part I of N owns the contiguous range of input positions `[I·M // N, (I+1)·M // N)` for M input rows (see
 `part_range`); contiguous, so each part's output is one run of the input order and the parts' shards merge by a
 sort on `input_index`. No merge step: `load_store` reads every part's manifest.
@@ -68,12 +75,14 @@ from align_distill.data.stores import (
     INPUT_INDEX,
     VERSION,
     StoreError,
+    count_failed,
     decode_schema,
     manifest_name,
     read_manifest,
     read_manifests,
     read_store,
     store_files,
+    store_summary,
 )
 
 LOCK_KINDS = ("flock", "soft")
@@ -101,6 +110,7 @@ __all__ = [
     "read_manifests",
     "store_files",
     "store_metadata",
+    "store_summary",
 ]
 
 
@@ -249,12 +259,14 @@ class ShardedStore:
         metadata: dict[str, Any] | None = None,
         order_by: Sequence[str] = (INPUT_INDEX,),
         lock_kind: str | None = None,
+        failed_column: str | None = None,
     ):
         part_range(0, part, num_parts)  # validates part / num_parts
         self.lock_kind = resolve_lock_kind(lock_kind)
         self.path = Path(path)
         self.part, self.num_parts = part, num_parts
         self.fingerprint = fingerprint
+        self.failed_column = failed_column
         self.digest = fingerprint_digest(fingerprint)
         self.prefix = f"part-{part:05d}-of-{num_parts:05d}-shard-"
         self.manifest_path = self.path / manifest_name(part, num_parts)
@@ -304,6 +316,8 @@ class ShardedStore:
             "shards": [],
         }
         self.manifest.pop("_file", None)
+        if self.failed_column is not None:
+            self.manifest["failed_column"] = self.failed_column
         self._check_shards()
         self._remove_orphans()
         self._done = {
@@ -387,6 +401,23 @@ class ShardedStore:
     def metadata(self) -> dict[str, Any]:
         return self.manifest["metadata"]
 
+    @property
+    def num_failed(self) -> int:
+        """Failed rows this part holds (see the module docstring)."""
+        return count_failed([self.manifest])
+
+    def failed_inputs(self) -> list[int]:
+        """Input positions (sorted) whose committed rows failed: what `retry_failed` asks for again."""
+        if self.failed_column is None:
+            return []
+        found: set[int] = set()
+        for shard in self.manifest["shards"]:
+            if shard.get("num_failed") and shard["file"]:
+                table = pq.read_table(self.path / shard["file"], columns=[INPUT_INDEX, self.failed_column])
+                failed = table.column(self.failed_column).is_valid().to_pylist()
+                found.update(i for i, bad in zip(table.column(INPUT_INDEX).to_pylist(), failed) if bad)
+        return sorted(found)
+
     def set_num_inputs(self, num_inputs: int) -> None:
         """Record how many inputs this part owns (so `load_store` can tell a finished store from a partial one)."""
         if self.manifest["num_inputs"] not in (None, num_inputs):
@@ -419,27 +450,8 @@ class ShardedStore:
         what = f"shard {index} of part {self.part}"
         final: Path | None = None
         if rows:  # inputs that yield no rows are committed by the manifest alone
-            table = self._to_table(rows, column_types or {})
-            name = f"{self.prefix}{index:05d}.parquet"
-            final = self.path / DATA_DIR / name
-            tmp = final.parent / f".{name}.tmp-{os.getpid()}"
-            try:
-                pq.write_table(table, tmp)
-                with open(tmp, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
-            except OSError as error:
-                _discard(tmp)
-                _discard(final)  # renamed but not committed: an orphan
-                raise _located(error, final, what) from error
-            entry.update(
-                file=f"{DATA_DIR}/{name}",
-                num_rows=table.num_rows,
-                first_id=rows[0].get("id"),
-                last_id=rows[-1].get("id"),
-                bytes=final.stat().st_size,
-            )
+            final = self._write_shard(self._to_table(rows, column_types or {}), what)
+            entry.update(self._shard_entry(final, rows))
         self.manifest["shards"].append(entry)
         try:
             self._write_manifest(what)  # the commit point
@@ -451,10 +463,106 @@ class ShardedStore:
         self._done.update(inputs)
         return self.path / entry["file"] if entry["file"] else None
 
+    def replace(
+        self,
+        rows: list[dict[str, Any]],
+        inputs: Sequence[int],
+        column_types: dict[str, pa.DataType] | None = None,
+    ) -> None:
+        """Commit `rows` as the new output of `inputs`, committed inputs whose rows failed (`failed_inputs`), in
+        place of their old rows: exactly once, with one manifest write (see the module docstring)."""
+        inputs = list(inputs)
+        targets = set(inputs)
+        if len(targets) != len(inputs):
+            raise StoreError(f"{self.path}: inputs {inputs} would be written twice")
+        not_failed = sorted(targets - set(self.failed_inputs()))
+        if not_failed:
+            raise StoreError(f"{self.path}: inputs {not_failed[:5]} are not failed inputs of part {self.part}")
+        stray = [row.get(INPUT_INDEX) for row in rows if row.get(INPUT_INDEX) not in targets]
+        if stray:
+            raise StoreError(f"rows with {INPUT_INDEX} {stray[:5]} do not belong to the inputs being replaced")
+        new_rows: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            new_rows.setdefault(row[INPUT_INDEX], []).append(row)
+        shards = self.manifest["shards"]
+        before = [dict(shard) for shard in shards]
+        written: list[Path] = []
+        try:
+            for index, shard in enumerate(shards):
+                if not shard["file"] or not any(start <= i < stop for start, stop in shard["inputs"] for i in targets):
+                    continue
+                kept: list[dict[str, Any]] = []
+                placed: set[int] = set()
+                for row in pq.read_table(self.path / shard["file"]).to_pylist():
+                    position = row[INPUT_INDEX]
+                    if position not in targets:
+                        kept.append(row)
+                    elif position not in placed:  # the new rows where the input's old rows were
+                        kept.extend(new_rows.get(position, []))
+                        placed.add(position)
+                what = f"shard {index} of part {self.part} (replacing failed rows)"
+                if kept:
+                    final = self._write_shard(self._to_table(kept, column_types or {}), what)
+                    written.append(final)
+                    shard.update(self._shard_entry(final, kept))
+                else:  # every row of the shard was replaced by none: its inputs stay committed, without rows
+                    for key in ("first_id", "last_id", "bytes", "num_failed"):
+                        shard.pop(key, None)
+                    shard.update(file=None, num_rows=0)
+            self._write_manifest(f"the replacement of failed rows of part {self.part}")  # the commit point
+        except BaseException:
+            shards[:] = before
+            for file in written:
+                _discard(file)  # never listed: the failed rows stay, and are retried again
+            raise
+        listed = {shard["file"] for shard in shards}
+        for old in before:
+            if old["file"] and old["file"] not in listed:
+                _discard(self.path / old["file"])  # unlisted; after a crash before this, an orphan removed on open
+
+    def _write_shard(self, table: pa.Table, what: str) -> Path:
+        """Write `table` as this part's next shard file (temp + fsync + rename + directory fsync); not yet listed."""
+        number = int(self.manifest.get("next_file", len(self.manifest["shards"])))
+        self.manifest["next_file"] = number + 1  # file names are never reused within a manifest
+        name = f"{self.prefix}{number:05d}.parquet"
+        final = self.path / DATA_DIR / name
+        tmp = final.parent / f".{name}.tmp-{os.getpid()}"
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as error:
+            _discard(tmp)
+            _discard(final)  # renamed but not committed: an orphan
+            raise _located(error, final, what) from error
+        return final
+
+    def _shard_entry(self, file: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The manifest fields describing a written shard file of `rows`."""
+        entry: dict[str, Any] = {
+            "file": f"{DATA_DIR}/{file.name}",
+            "num_rows": len(rows),
+            "first_id": rows[0].get("id"),
+            "last_id": rows[-1].get("id"),
+            "bytes": file.stat().st_size,
+        }
+        if self.failed_column is not None:
+            entry["num_failed"] = sum(row.get(self.failed_column) is not None for row in rows)
+        return entry
+
     def _to_table(self, rows: list[dict[str, Any]], column_types: dict[str, pa.DataType]) -> pa.Table:
         recorded = self.manifest["schema"]
         if recorded is not None:
-            return pa.Table.from_pylist(rows, schema=_decode_schema(recorded))
+            schema = _decode_schema(recorded)
+            column = self.failed_column
+            if column is not None and column not in schema.names and any(r.get(column) is not None for r in rows):
+                raise StoreError(
+                    f"{self.manifest_path}: this store was started by an older align-distill without a `{column}` "
+                    "column, so a failed row cannot be recorded in it; finish it in a new output_dir (or --overwrite)"
+                )
+            return pa.Table.from_pylist(rows, schema=schema)
         inferred = pa.Table.from_pylist(rows).schema
         fields = [pa.field(f.name, column_types.get(f.name, f.type)) for f in inferred]
         untyped = [f.name for f in fields if pa.types.is_null(f.type)]
@@ -513,7 +621,10 @@ def store_metadata(path: str | Path) -> dict[str, Any]:
     return read_manifests(path)[0]["metadata"]
 
 
-def load_store(path: str | Path, allow_partial: bool = False, cache_dir: str | None = None) -> datasets.Dataset:
+def load_store(
+    path: str | Path, allow_partial: bool = False, cache_dir: str | None = None, include_failed: bool = False
+) -> datasets.Dataset:
     """The store's rows as a `datasets.Dataset` in input order (stable within an input), read with
-    `datasets.load_dataset("parquet", ...)` so the shards stay memory-mapped (`align_distill.data.stores`)."""
-    return read_store(path, allow_partial, cache_dir)
+    `datasets.load_dataset("parquet", ...)` so the shards stay memory-mapped (`align_distill.data.stores`).
+    Failed rows are skipped (and counted in a warning) unless `include_failed`."""
+    return read_store(path, allow_partial, cache_dir, include_failed)

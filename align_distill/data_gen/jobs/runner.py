@@ -1,6 +1,10 @@
 """The loop every job shares: open the store, skip committed inputs, process the rest shard by shard in input
 order, commit each shard, mark the part complete. A job only says how to turn a list of input rows into output
-rows."""
+rows.
+
+A job with a `failed_column` (`sample` / `rollout`) commits an input that failed for good as a failed row instead of
+stopping, so a rerun does not stop on it again; with `retry_failed` (a job key) the failed inputs are processed again
+first and their new rows replace the failed ones (`ShardedStore.replace`: exactly once)."""
 
 from __future__ import annotations
 
@@ -51,8 +55,11 @@ def run_store_job(
     metadata: dict[str, Any] | None = None,
     order_by: tuple[str, ...] = (INPUT_INDEX,),
     count_tokens: Callable[[list[dict[str, Any]]], int] = lambda rows: 0,
+    failed_column: str | None = None,
 ) -> Path:
-    """Run `process` over this part's pending inputs and commit the rows; returns the store folder."""
+    """Run `process` over this part's pending inputs (and, with the config's `retry_failed`, its failed ones) and
+    commit the rows; returns the store folder. `failed_column`: the column that marks a failed row (see the module
+    docstring); the number of failed rows is logged at the end (`store_summary` reads it from the manifests)."""
     fingerprint = {
         "job": kind,
         **fingerprint,
@@ -69,9 +76,13 @@ def run_store_job(
         metadata=metadata,
         order_by=order_by,
         lock_kind=getattr(config, "lock_kind", None),  # None: $ALIGN_DISTILL_STORE_LOCK, else flock
+        failed_column=failed_column,
     ) as store:
         store.set_num_inputs(len(owned))
         pending = store.pending(owned)
+        retry = store.failed_inputs() if getattr(config, "retry_failed", False) else []
+        if retry:
+            logger.info("%s: retrying the %d failed inputs of %s", kind, len(retry), config.output_dir)
         if len(pending) < len(owned):
             logger.info(
                 "%s: resuming %s: %d of %d inputs already done",
@@ -86,16 +97,24 @@ def run_store_job(
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer,
             tqdm(
-                total=len(pending), desc=kind, unit="row", disable=progress_disabled(config.progress, pending)
+                total=len(retry) + len(pending),
+                desc=kind,
+                unit="row",
+                disable=progress_disabled(config.progress, retry + pending),
             ) as bar,
         ):
             in_flight: Future | None = None
-            for start in range(0, len(pending), config.shard_size):
-                chunk = pending[start : start + config.shard_size]
+            work = [(store.replace, retry), (store.append, pending)]
+            chunks = [
+                (commit, todo[i : i + config.shard_size])
+                for commit, todo in work
+                for i in range(0, len(todo), config.shard_size)
+            ]
+            for commit, chunk in chunks:
                 rows = process(chunk, inputs.select(chunk).to_list())
                 if in_flight is not None:
                     in_flight.result()  # re-raises a failed commit before more work is queued
-                in_flight = writer.submit(store.append, rows, chunk, column_types)
+                in_flight = writer.submit(commit, rows, chunk, column_types)
                 tokens += count_tokens(rows)
                 bar.update(len(chunk))
                 if tokens:
@@ -103,6 +122,17 @@ def run_store_job(
             if in_flight is not None:
                 in_flight.result()
         store.finish()
+        failed = store.num_failed
+    if failed:
+        logger.warning(
+            "%s: %d row%s of %s failed for good (the `%s` column says why; readers skip them); rerun with "
+            "retry_failed: true to generate them again",
+            kind,
+            failed,
+            "" if failed == 1 else "s",
+            config.output_dir,
+            failed_column,
+        )
     return Path(config.output_dir)
 
 

@@ -1,11 +1,18 @@
 """`sample` (teacher responses) and `rollout` (student responses): prompts → prompt/completion rows.
 
 Output row (TRL's prompt-completion format plus token ids):
-    id, input_index, prompt, prompt_ids, completion, completion_ids, finish_reason,
+    id, input_index, prompt, prompt_ids, completion, completion_ids, finish_reason, error (null, or why the prompt
+    failed for good: a failed row, see below),
     and with n > 1 also completions, completions_ids, finish_reasons (all n samples; `completion` is the first),
     plus the input's other columns (e.g. chosen / rejected of a preference dataset).
 `completion` is a string for plain prompts and `[{"role": "assistant", "content": ...}]` for conversational ones.
 `completion_ids` are the tokens exactly as generated (EOS included when the model stopped on it).
+
+A prompt that fails for good (the `openai` backend's `record_failures`, on by default here: the server refused it,
+answered malformed, or kept failing through the retries) becomes a failed row: `finish_reason` "error", empty
+completions, the reason in `error`. The job goes on with the other prompts and logs the count; a rerun does not
+stop on the failed row (it is committed), readers of the store skip it, and `retry_failed: true` asks for it again
+and replaces it. Failures of the server as a whole (auth, unreachable) still stop the job.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ SAMPLE_TYPES: dict[str, pa.DataType] = {
     "completion_ids": IDS,
     "completions_ids": pa.list_(IDS),
     "input_index": pa.int64(),
+    "error": pa.string(),
 }
+FAILED_COLUMN = "error"
+"""The column of a failed row: why its prompt failed for good (null in every good row)."""
 
 
 def generator_fingerprint(spec: Any, generator: Generator) -> dict[str, Any]:
@@ -45,6 +55,22 @@ def generator_fingerprint(spec: Any, generator: Generator) -> dict[str, Any]:
 
 def _completion_value(prompt: Any, completion: Completion) -> Any:
     return completion.text if isinstance(prompt, str) else [{"role": "assistant", "content": completion.text}]
+
+
+def _failure(completions: list[Completion]) -> str | None:
+    """Why a prompt failed for good (its completions carry finish_reason "error"), or None for a good row."""
+    for completion in completions:
+        if completion.finish_reason == "error":
+            return completion.error or "generation failed (the backend gave no reason)"
+    return None
+
+
+def _generator_kwargs(backend: str, backend_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The backend's arguments; an OpenAI-compatible server's permanent per-prompt failures are recorded as failed
+    rows (unless the config sets record_failures itself), so that one refused prompt does not stop every rerun."""
+    if backend == "openai":
+        return {"record_failures": True, **backend_kwargs}
+    return dict(backend_kwargs)
 
 
 def run_sample(config: SampleConfig | dict | str | Path, generator: Generator | None = None) -> Path:
@@ -63,9 +89,11 @@ def _run(kind: str, config: JobConfig, generator: Generator | None) -> Path:
     inputs = load_inputs(config.input, "prompt", config.split, config.limit)
     owned = generator is None
     if generator is None:
-        generator = make_generator(config.backend, config.model, config.tokenizer, **config.backend_kwargs)
+        kwargs = _generator_kwargs(config.backend, config.backend_kwargs)
+        generator = make_generator(config.backend, config.model, config.tokenizer, **kwargs)
     tokenizer = generator.tokenizer
     produced = {"id", "input_index", "prompt", "prompt_ids", "completion", "completion_ids", "finish_reason"}
+    produced.add(FAILED_COLUMN)
     if params.n > 1:
         produced |= {"completions", "completions_ids", "finish_reasons"}
 
@@ -86,6 +114,7 @@ def _run(kind: str, config: JobConfig, generator: Generator | None) -> Path:
                 completion=_completion_value(row["prompt"], first),
                 completion_ids=first.token_ids,
                 finish_reason=first.finish_reason,
+                error=_failure(completions),
             )
             if params.n > 1:
                 record.update(
@@ -111,6 +140,7 @@ def _run(kind: str, config: JobConfig, generator: Generator | None) -> Path:
             process,
             column_types={**kept_types(inputs, produced), **SAMPLE_TYPES},
             count_tokens=count_tokens,
+            failed_column=FAILED_COLUMN,
         )
     finally:
         if owned:
