@@ -61,6 +61,13 @@ CYCLEALIGN_BIBTEX = """@inproceedings{hong2024cyclealign,
   booktitle = {Findings of the Association for Computational Linguistics: ACL 2024},
   year      = 2024
 }"""
+GKD_BIBTEX = """@inproceedings{agarwal2024onpolicy,
+  title     = {{On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes}},
+  author    = {Rishabh Agarwal and Nino Vieillard and Yongchao Zhou and Piotr Stanczyk and Sabela Ramos Garea and
+               Matthieu Geist and Olivier Bachem},
+  booktitle = {The Twelfth International Conference on Learning Representations (ICLR 2024)},
+  year      = 2024
+}"""
 CITATIONS: dict[str, tuple[str, ...]] = {
     "sft": (TRL_BIBTEX,),
     "dpo": (DPO_BIBTEX, TRL_BIBTEX),
@@ -69,6 +76,7 @@ CITATIONS: dict[str, tuple[str, ...]] = {
     "aligndistil": (ALIGNDISTIL_BIBTEX,),
     "mod": (LLAVA_MOD_BIBTEX,),
     "cyclealign": (CYCLEALIGN_BIBTEX,),
+    "kd": (GKD_BIBTEX, TRL_BIBTEX),
 }
 # Training-result entries that are timing bookkeeping, not results.
 NOT_RESULTS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")

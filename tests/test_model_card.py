@@ -204,5 +204,6 @@ def test_every_method_cites_its_paper(method):
         "aligndistil": "AlignDistil: Token-Level Language Model Alignment as Adaptive Policy Distillation",
         "mod": "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation",
         "cyclealign": "CycleAlign: Iterative Distillation from Black-box LLM to White-box Models",
+        "kd": "On-Policy Distillation of Language Models",
     }
     assert any(titles[method] in entry for entry in CITATIONS[method])

@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "aligndistil": "align_distill.methods.aligndistil",
     "dckd": "align_distill.methods.dckd",
     "adpa": "align_distill.methods.adpa",
+    "kd": "align_distill.methods.kd",
 }
 
 
