@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install quickstart test test-fast lint bench reproduce clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
@@ -30,6 +30,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# Every reproduction (wall time: see docs/results.md), then docs/results.md and the README tables from its JSON.
+reproduce: $(STAMP)
+	$(BIN)/python -m bench.reproduce all
+	$(BIN)/python -m bench.render_results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
