@@ -82,7 +82,12 @@ def build_pipeline(
     models = {label: f"${{{stage}}}" for label, stage in BASE_MODELS}
     for method in chosen:
         method_stages = METHOD_STAGES[method](seed)
-        stages.extend(method_stages)
+        for stage in method_stages:
+            shared = next((s for s in stages if s.name == stage.name), None)
+            if shared is None:
+                stages.append(stage)
+            elif shared.config != stage.config:  # a shared stage (e.g. the teacher's signals) must be the same stage
+                raise ValueError(f"quickstart: two methods define stage {stage.name!r} differently")
         models[f"student_{method}" if not method.startswith("student") else method] = f"${{{method_stages[-1].name}}}"
     evaluate = {"models": models, "seed": seed, "n": synthetic.EVAL_SIZES["test"]}
     by_name = {stage.name: stage for stage in stages}

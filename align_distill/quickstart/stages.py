@@ -363,6 +363,39 @@ def mod_student(seed: int) -> list:
     ]
 
 
+# Tiny models, CPU: on-policy KD (GKD's λ = 1) from the aligned teacher on the rollout prompts. The learning rate is
+# the centre of bench/reproduce.py's grid.
+KD: dict[str, Any] = {
+    "max_steps": STUDENT_STEPS,
+    "learning_rate": 1e-3,
+    "lmbda": 1.0,
+    "max_completion_length": 16,
+    "temperature": 1.0,
+}
+# The divergence the quickstart's `kd` student uses: the one bench/reproduce.py found best on the validation split
+# among the whole family (bench/reproductions/kd.json, `selected_divergence`; a test keeps the two equal).
+KD_DIVERGENCE: dict[str, Any] = {"divergence": "akl", "mu": 0.5}
+
+
+def kd_stages(name: str, seed: int, **loss: Any) -> list[Stage]:
+    """On-policy `kd` from the SFT student with the DPO teacher live, `loss` = divergence and its parameters."""
+    config = {
+        **COMMON,
+        "model_name_or_path": "${student_sft}",
+        "teacher_model_name_or_path": "${teacher_dpo}",
+        "dataset_name": "${data}/prompts.jsonl",
+        **KD,
+        **loss,
+        "seed": seed,
+    }
+    return [Stage(name, "train", "kd", config)]
+
+
+def kd_student(seed: int) -> list[Stage]:
+    """The quickstart's KD student: on-policy distillation with `KD_DIVERGENCE` (stage `kd_student`)."""
+    return kd_stages("kd_student", seed, **KD_DIVERGENCE)
+
+
 # Each distillation method adds its stages here; the evaluated model is the last stage's output.
 METHOD_STAGES: dict[str, Callable[[int], list[Stage]]] = {
     "dpo": student_dpo,
@@ -374,6 +407,7 @@ METHOD_STAGES: dict[str, Callable[[int], list[Stage]]] = {
     "aligndistil_on": aligndistil_on_student,
     "mod": mod_student,
     "cyclealign": cyclealign_student,
+    "kd": kd_student,
 }
 
 # Models every report shows, in table order: (label, stage).
