@@ -33,7 +33,9 @@ CLAIMS = {
     "adpa": "The paper's claim: DCKD and ADPA both improve a small student's alignment, ADPA beats DCKD, and ADPA+ "
     "(DCKD, then ADPA) is best. Both methods carry an SFT term on the pairs' chosen answers, so `sft_chosen` (that "
     "term alone, same trainer, data, steps and learning-rate grid) separates the teacher's token-level signal from "
-    '"more SFT on good answers".',
+    "\"more SFT on good answers\". The control is exactly DCKD's run with the teacher terms off; ADPA's SFT term "
+    "sees the 512 pairs its rollout covers (more epochs over fewer rows), so for ADPA the control matches steps, "
+    "batch size and grid but not the rows.",
     "aligndistil": "The paper's claim: token-level distillation from the DPO teacher contrasted with a reverse-DPO "
     "teacher aligns a student better than sequence-level preference optimisation. Off-policy trains on the "
     "pairs' chosen responses, on-policy on the student's own samples.",
