@@ -9,7 +9,8 @@ All of that math is `align_distill.losses.aligndistil_loss`; this trainer only f
   (prompt/completion tokenization with the chat template, right padding, `labels = -100` outside the response).
 - **on-policy** (§5.2, Eq. 18): states are fresh student samples. Each batch of prompts is rolled out through a
   `data_gen` backend (`transformers` on CPU, `vllm` colocated) whose weights are copied from the student every
-  `rollout_sync_steps` optimizer steps (1 = fully on-policy, the official setting).
+  `rollout_sync_steps` optimizer steps (1 = fully on-policy, the official setting); the engine and its sync rule are
+  `trainers.rollouts.RolloutEngine`, shared with KD's `rollout_backend: vllm`.
 
 Positions (§5.3): the loss at response token t uses the logits row that *predicts* y_t (textbook, rows
 P-1..P+|y|-2 for prompt length P; the same rows as `trainers.common.response_view`). `official_alignment=True`
@@ -26,22 +27,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from align_distill.data.tokens import encode_prompt
-from align_distill.data_gen.backends import SamplingParams, generate_with_seeds, make_generator
-from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+from align_distill.data_gen.backends import SamplingParams
 from align_distill.losses import aligndistil_loss, masked_mean
 from align_distill.losses.divergence import default_chunk_size
 from align_distill.models import check_model_vocab, load_model, shared_vocab_size
-from align_distill.trainers.common import default_precision, prepare_frozen, student_weights, without_zero3_init
+from align_distill.trainers.common import default_precision, prepare_frozen
+from align_distill.trainers.rollouts import ENGINE_BACKENDS, RolloutEngine, zero3_enabled
 from align_distill.vocabulary import reject_ignored_fields
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("adaptive", "contrastive", "theorem1")
-ROLLOUT_BACKENDS = ("transformers", "vllm")
+ROLLOUT_BACKENDS = ENGINE_BACKENDS
 # Released scripts: `--beta2` (= tvd_scale) 10 off-policy, 15 on-policy (docs/methods/aligndistil.md §6.2).
 DEFAULT_TVD_SCALE = {False: 10.0, True: 15.0}
 
@@ -457,9 +457,7 @@ class AlignDistilTrainer(SFTTrainer):
         check_model_vocab(self.accelerator.unwrap_model(self.model), self._tokenizer, "student")
         self.dpo_model = self._frozen(dpo_model, "DPO model")
         self.rev_dpo_model = self._frozen(rev_dpo_model, "reverse-DPO model")
-        self.generator = generator
-        self._owns_generator = generator is None
-        self._synced_step: int | None = None
+        self.rollouts = RolloutEngine(args, self._tokenizer, self.accelerator, generator)
         self._rollouts = 0
 
     def _frozen(self, model: Any, name: str) -> torch.nn.Module:
@@ -479,45 +477,32 @@ class AlignDistilTrainer(SFTTrainer):
     # -- rollouts ---------------------------------------------------------------------------------------------------
     @property
     def _zero3(self) -> bool:
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+        return zero3_enabled(self.accelerator, self.is_deepspeed_enabled)
 
-    def _build_generator(self) -> Any:
+    @property
+    def generator(self) -> Any:
+        """The rollout `Generator` (None until the first rollout and after `train`); owned by `self.rollouts`."""
+        return self.rollouts.generator
 
-        student = self.accelerator.unwrap_model(self.model)
-        base = student.get_base_model() if hasattr(student, "get_base_model") else student
-        kwargs = dict(self.args.rollout_backend_kwargs or {})
-        if self.args.rollout_backend == "transformers":
-            # Its own copy of the student (weights arrive through `sync_rollout_weights`), so that rollouts see
-            # exactly the weights of the last sync, as with a vLLM engine.
+    @generator.setter
+    def generator(self, generator: Any) -> None:
+        self.rollouts.generator = generator
 
-            dtype = kwargs.pop("dtype", None)
-            with without_zero3_init():  # a whole local copy, not a ZeRO-3 partitioned one
-                copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype or base.dtype)
-            copy.generation_config = base.generation_config
-            copy.to(self.accelerator.device)
-            return TransformersGenerator(model=copy, tokenizer=self._tokenizer, **kwargs)
+    @property
+    def _synced_step(self) -> int | None:
+        return self.rollouts.synced_step
 
-        return make_generator("vllm", model=base.name_or_path, tokenizer=self._tokenizer, **kwargs)
+    @_synced_step.setter
+    def _synced_step(self, step: int | None) -> None:
+        self.rollouts.synced_step = step
 
     def sync_rollout_weights(self) -> int:
         """Copy the student's current weights into the rollout engine (every process takes part under ZeRO-3)."""
-        student = self.accelerator.unwrap_model(self.model)
-        count = self.generator.load_weights(student_weights(student, self._zero3))
-        self._synced_step = self.state.global_step
-        return count
-
-    def _maybe_sync(self) -> None:
-        if self.generator is None:
-            self.generator = self._build_generator()
-        step = self.state.global_step
-        if self._synced_step is None or step - self._synced_step >= self.args.rollout_sync_steps:
-            self.sync_rollout_weights()
+        return self.rollouts.sync(self.model, self.state.global_step, self._zero3)
 
     def rollout(self, prompts: list[Any]) -> dict[str, torch.Tensor]:
         """Sample one response per prompt from the rollout engine; return the right-padded training batch."""
 
-        self._maybe_sync()
         args = self.args
         params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length
@@ -525,10 +510,12 @@ class AlignDistilTrainer(SFTTrainer):
         base_seed = (args.seed * 1_000_003 + self._rollouts) * 1_009 + self.accelerator.process_index
         seeds = [base_seed * 65_537 + i for i in range(len(prompts))]
         self._rollouts += 1
-        completions = generate_with_seeds(self.generator, prompts, params, seeds)
+        completions = self.rollouts.sample(
+            prompts, params, seeds, model=self.model, step=self.state.global_step, zero3=self._zero3
+        )
         sequences, responses = [], []
-        for prompt, samples in zip(prompts, completions):
-            prompt_ids, response_ids = encode_prompt(self._tokenizer, prompt), list(samples[0].token_ids)
+        for prompt, response_ids in zip(prompts, completions):
+            prompt_ids = encode_prompt(self._tokenizer, prompt)
             sequences.append((prompt_ids, response_ids))
             responses.append(len(response_ids))
         length = max(len(p) + len(r) for p, r in sequences)
@@ -571,7 +558,4 @@ class AlignDistilTrainer(SFTTrainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            if self.generator is not None and self._owns_generator:
-                self.generator.close()
-                self.generator = None
-                self._synced_step = None
+            self.rollouts.close()

@@ -9,9 +9,12 @@ The trainer only lines data up for the loss:
 - **off-policy** (`lmbda = 0`, the default): the completions are the dataset's;
 - **on-policy / mixed** (GKD, Agarwal et al. 2024; TRL's `lmbda`): each training micro-batch, with probability
   `lmbda`, has its completions replaced by the current student's own samples (`temperature`,
-  `max_completion_length`), drawn through data_gen's `TransformersGenerator` on the unwrapped student (as ADPA's
-  `rollout_steps` does), so the samples always come from the weights being trained. A prompt-only dataset means
-  `lmbda = 1`: every batch, in training and evaluation, is sampled.
+  `max_completion_length`). `rollout_backend: student` (default) draws them through data_gen's
+  `TransformersGenerator` on the unwrapped student (as ADPA's `rollout_steps` does), so the samples always come
+  from the weights being trained; `rollout_backend: vllm` draws them from a colocated vLLM engine
+  (`trainers.rollouts.RolloutEngine`, shared with AlignDistil) whose weights are copied from the student every
+  `rollout_sync_steps` optimizer steps (1 = the weights being trained, up to the current step's update). A
+  prompt-only dataset means `lmbda = 1`: every batch, in training and evaluation, is sampled.
 - **TAID** (`divergence: taid`, Shing et al. 2025): the interpolation t of the intermediate teacher
   softmax((1 − t)·stopgrad(z_student) + t·z_teacher) starts at `taid_t_start` and moves to 1 with TAID's adaptive
   schedule (`TAIDSchedule`, the official code's `update_t`), once per training micro-batch after its loss:
@@ -22,9 +25,6 @@ The trainer only lines data up for the loss:
 
   J is the batch's TAID loss averaged over processes (every rank keeps the same t), `step` the optimizer steps
   done. The state (t, m, J_{n−1}) is saved with each checkpoint (`taid_state.json`) and restored on resume.
-
-vLLM sampling is not supported yet: the colocated engine and its per-step weight sync live inside
-`AlignDistilTrainer` (`rollout_backend: vllm`), not in a shared helper; KD samples with transformers.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from align_distill.models import check_model_vocab, shared_vocab_size, slice_log
 from align_distill.vocabulary import reject_ignored_fields
 
 from .common import default_precision, frozen_logits, prepare_frozen, response_view
+from .rollouts import RolloutEngine, zero3_enabled
 from .signals import TeacherSignalReader
 from .teacher import SignalsCollator, load_teacher
 
@@ -70,6 +71,8 @@ DIVERGENCE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # The losses' defaults for a parameter the recipe leaves unset.
 PARAM_DEFAULTS = {"beta": 0.5, "alpha": 0.1, "mu": 0.5}
+# Where on-policy samples come from: the live student in place, or a colocated vLLM engine synced from it.
+ROLLOUT_BACKENDS = ("student", "vllm")
 TAID_STATE = "taid_state.json"
 
 
@@ -132,6 +135,14 @@ class KDConfig(SFTConfig):
             completions (GKD's λ; 0 = off-policy, 1 = fully on-policy).
         max_completion_length (`int`, *optional*, defaults to `128`):
             Longest sampled completion, in tokens.
+        rollout_backend (`str`, *optional*, defaults to `"student"`):
+            `student`: generate with the live student itself (transformers). `vllm`: a colocated vLLM engine
+            started from the student's folder, its weights copied from the student (shared with AlignDistil).
+        rollout_backend_kwargs (`dict`, *optional*):
+            `vllm` only: keyword arguments of the engine (`data_gen.make_generator`), e.g.
+            `{"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.3}`.
+        rollout_sync_steps (`int`, *optional*, defaults to `1`):
+            `vllm` only: copy the student's weights into the engine every this many optimizer steps.
 
     TRL fields the KD loss and collator never read (`loss_type`, `label_smoothing_factor`, `router_aux_loss_coef`,
     `completion_only_loss`, `assistant_only_loss`, `packing`, `padding_free`) are rejected when set. Changed
@@ -151,6 +162,8 @@ class KDConfig(SFTConfig):
         "padding_free": "KD's collator pads prompt + completion rows",
     }
     method_label: ClassVar[str] = "KD"
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs"]
 
     # teacher
     teacher_mode: Literal["live", "cache"] = field(
@@ -185,6 +198,17 @@ class KDConfig(SFTConfig):
         default=0.0, metadata={"help": "Probability that a batch trains on the student's own samples (GKD's λ)."}
     )
     max_completion_length: int = field(default=128, metadata={"help": "Longest sampled completion in tokens."})
+    rollout_backend: str = field(
+        default="student",
+        metadata={"help": "student: sample with the live student; vllm: a colocated vLLM engine synced from it.",
+                  "choices": list(ROLLOUT_BACKENDS)},
+    )  # fmt: skip
+    rollout_backend_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "vllm: keyword arguments of the engine (JSON on the command line)."}
+    )
+    rollout_sync_steps: int = field(
+        default=1, metadata={"help": "vllm: copy student weights into the engine every N optimizer steps."}
+    )
 
     def __post_init__(self) -> None:
         default_precision(self)
@@ -230,6 +254,7 @@ def check_kd_config(config: KDConfig) -> list[str]:
         problems.append(f"sft_weight must be >= 0, found {config.sft_weight}")
     if config.max_completion_length < 1:
         problems.append(f"max_completion_length must be >= 1, found {config.max_completion_length}")
+    problems += check_rollout_backend(config)
     if config.teacher_mode not in ("live", "cache"):
         problems.append(f"teacher_mode must be live or cache, found {config.teacher_mode!r}")
     elif config.teacher_mode == "live" and not config.teacher_model_name_or_path:
@@ -247,6 +272,32 @@ def check_kd_config(config: KDConfig) -> list[str]:
                 f"teacher_mode=cache is off-policy only (the cache holds the dataset's fixed completions), found "
                 f"lmbda={config.lmbda}; use teacher_mode=live for on-policy samples or set lmbda: 0"
             )
+    return problems
+
+
+def check_rollout_backend(config: KDConfig) -> list[str]:
+    """Problems with `rollout_backend` and the settings only the vLLM engine reads."""
+    if config.rollout_backend not in ROLLOUT_BACKENDS:
+        return [f"rollout_backend must be one of {', '.join(ROLLOUT_BACKENDS)}, found {config.rollout_backend!r}"]
+    problems = []
+    if config.rollout_sync_steps < 1:
+        problems.append(f"rollout_sync_steps must be >= 1, found {config.rollout_sync_steps}")
+    if config.rollout_backend == "student":
+        unused = [
+            f"{name}={getattr(config, name)!r}"
+            for name, default in (("rollout_backend_kwargs", None), ("rollout_sync_steps", 1))
+            if getattr(config, name) != default
+        ]
+        if unused and config.rollout_sync_steps >= 1:
+            problems.append(
+                f"{' and '.join(unused)} only apply to rollout_backend=vllm (the student backend samples from the "
+                "live student, always in sync); set rollout_backend: vllm or drop them"
+            )
+    elif config.lmbda == 0:
+        problems.append(
+            "rollout_backend=vllm samples the on-policy completions, but lmbda=0 never samples; set lmbda > 0 or "
+            "drop rollout_backend"
+        )
     return problems
 
 
@@ -414,6 +465,8 @@ class KDTrainer(SFTTrainer):
         )
         self._draws = random.Random(args.seed)  # same seed on every rank: all ranks sample on the same batches
         self._samples = 0
+        # rollout_backend=vllm: the colocated engine, built at the first sample and closed at the end of `train`
+        self.rollouts = RolloutEngine(args, tokenizer, self.accelerator) if args.rollout_backend == "vllm" else None
 
     def _use_signals_cache(self) -> None:
         args = self.args
@@ -445,8 +498,24 @@ class KDTrainer(SFTTrainer):
         base_seed = (args.seed * 1_000_003 + self._samples) * 1_009 + self.accelerator.process_index
         seeds = [base_seed * 65_537 + i for i in range(len(prompts))]
         self._samples += 1
+        if self.rollouts is not None:
+            zero3 = zero3_enabled(self.accelerator, self.is_deepspeed_enabled)
+            completions = self.rollouts.sample(
+                prompts, params, seeds, model=self.model, step=self.state.global_step, zero3=zero3
+            )
+        else:
+            completions = self._in_place_samples(model, prompts, params, seeds)
+        prompt_ids = encode_prompts(self._tokenizer, prompts)
+        batch = self.kd_collator.build(list(zip(prompt_ids, completions)))
+        device = self.accelerator.device
+        return {**inputs, **{key: value.to(device) for key, value in batch.items()}}
+
+    def _in_place_samples(
+        self, model: Any, prompts: list[Any], params: SamplingParams, seeds: list[int]
+    ) -> list[list[int]]:
+        """`rollout_backend=student`: sample with the live student itself (token ids, one completion per prompt)."""
         with unwrap_model_for_generation(
-            model, self.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+            model, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
         ) as unwrapped:
             was_training = unwrapped.training
             # a PEFT student generates through its base model, whose layers carry the adapters
@@ -456,10 +525,7 @@ class KDTrainer(SFTTrainer):
                 completions = generate_with_seeds(generator, prompts, params, seeds)
             finally:
                 unwrapped.train(was_training)
-        prompt_ids = encode_prompts(self._tokenizer, prompts)
-        batch = self.kd_collator.build([(p, c[0].token_ids) for p, c in zip(prompt_ids, completions)])
-        device = self.accelerator.device
-        return {**inputs, **{key: value.to(device) for key, value in batch.items()}}
+        return [list(c[0].token_ids) for c in completions]
 
     def _on_policy(self) -> bool:
         """Whether this batch trains on student samples: always for prompt-only data, else with probability λ."""
@@ -524,6 +590,13 @@ class KDTrainer(SFTTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.rollouts is not None:
+                self.rollouts.close()  # free the engine (another may need the memory); rebuilt if sampled again
 
     # -- TAID state in checkpoints ----------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):

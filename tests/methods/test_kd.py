@@ -123,7 +123,7 @@ def test_a_bad_config_is_one_line(tmp_path, capsys, settings, message):
 
 def test_the_shipped_recipes_parse(tmp_path):
     names = [name for name in list_recipes() if name.startswith("kd/")]
-    assert names == ["kd/cache", "kd/off_policy", "kd/on_policy"]
+    assert names == ["kd/cache", "kd/off_policy", "kd/on_policy", "kd/on_policy_vllm"]
     parsed = {}
     for name in names:
         _, (data, training, model) = train_arguments("kd", ["--config", name, "--output_dir", str(tmp_path / name)])
@@ -132,3 +132,6 @@ def test_the_shipped_recipes_parse(tmp_path):
     assert parsed["kd/cache"].teacher_mode == "cache" and parsed["kd/cache"].divergence == "taid"
     assert parsed["kd/on_policy"].lmbda == 0.5 and parsed["kd/on_policy"].divergence_params() == {"beta": 0.5}
     assert parsed["kd/off_policy"].lmbda == 0.0 and parsed["kd/off_policy"].teacher_mode == "live"
+    vllm = parsed["kd/on_policy_vllm"]
+    assert vllm.rollout_backend == "vllm" and vllm.lmbda == 1.0 and vllm.rollout_sync_steps == 1
+    assert vllm.rollout_backend_kwargs["gpu_memory_utilization"] == 0.3
