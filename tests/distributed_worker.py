@@ -47,6 +47,7 @@ CASES: dict[str, Case] = {
         ("dpo_model", "rev_dpo_model"),
     ),
     "mod": Case("sft.jsonl", {"stage": "d2d", "teacher_model_name_or_path": "{teacher}"}, ("teacher_model",)),
+    "kd": Case("sft.jsonl", LIVE_TEACHER, ("teacher",)),
     # two cycles of 8 prompts (sampling, noisy-oracle and likelihood ranking, PRO training): cycle 2 samples from
     # the weights cycle 1 trained, which ZeRO-3 must gather first. `max_steps` applies to each cycle.
     "cyclealign": Case(
