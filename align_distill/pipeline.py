@@ -152,6 +152,16 @@ def _walk_strings(value: Any, fn: Callable[[str], Any]) -> Any:
     return value
 
 
+def rename_references(config: dict[str, Any], rename: Mapping[str, str]) -> dict[str, Any]:
+    """`config` with every `${name}` whose name is in `rename` pointing at its new name (to place a stage list
+    under other stage names, e.g. several variants of one recipe in one run folder)."""
+
+    def one(text: str) -> str:
+        return _REFERENCE.sub(lambda m: "${" + rename.get(m.group(1), m.group(1)) + "}", text)
+
+    return _walk_strings(config, one)
+
+
 def references(stage: Stage) -> list[str]:
     found: list[str] = []
     _walk_strings(stage.config, lambda s: found.extend(_REFERENCE.findall(s)) or s)

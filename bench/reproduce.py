@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -107,7 +106,6 @@ TUNING_SEEDS = 3
 METRICS = ("reward", "capability", "preference")
 BASE_MODELS = ("teacher_sft", "teacher_dpo", "teacher_rev_dpo")
 QUICK_EVAL = {"validation": 16, "test": 32}
-_REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 
 
 def teacher_ref_student(seed: int) -> list:
@@ -179,22 +177,12 @@ def factor_tag(factor: float) -> str:
     return "lrx" + f"{factor:g}".replace(".", "p")
 
 
-def _rewrite(value: Any, rename: dict[str, str]) -> Any:
-    if isinstance(value, str):
-        return _REFERENCE.sub(lambda m: "${" + rename.get(m.group(1), m.group(1)) + "}", value)
-    if isinstance(value, list):
-        return [_rewrite(v, rename) for v in value]
-    if isinstance(value, dict):
-        return {k: _rewrite(v, rename) for k, v in value.items()}
-    return value
-
-
 def variant_stages(method: str, seed: int, sft_steps: int, factor: float) -> list:
     """`method`'s stages started from the `sft_steps` SFT student with every learning rate × `factor`, renamed so
     that variants live side by side in one run folder: a stage is suffixed with the SFT budget when it depends on the
     student, and with the factor when it depends on a learning rate; stages that depend on neither (the teacher's
     signals on the data) keep one name and are shared."""
-    from align_distill.pipeline import Stage, references
+    from align_distill.pipeline import Stage, references, rename_references
 
     stages = method_builders()[method](seed)
     lr_dependent: set[str] = set()
@@ -212,7 +200,7 @@ def variant_stages(method: str, seed: int, sft_steps: int, factor: float) -> lis
         rename[stage.name] = stage.name + suffix
     renamed = []
     for stage in stages:
-        config = _rewrite(stage.config, rename)
+        config = rename_references(stage.config, rename)
         if "learning_rate" in config and (stage.kind == "train" or stage.name in lr_dependent):
             config["learning_rate"] = config["learning_rate"] * factor
         renamed.append(Stage(rename[stage.name], stage.kind, stage.target, config))

@@ -19,13 +19,13 @@ from typing import Any, ClassVar
 
 import torch
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import pad
 
 from align_distill.data.tokens import encode_prompt, encode_prompt_response
 from align_distill.data_gen.backends import SamplingParams
 from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 from align_distill.losses import adpa_advantages, adpa_loss, masked_mean
 
+from .common import right_padded_batch
 from .signals import BatchSignals, TeacherSignalReader, live_signals
 from .teacher import SignalsCollator, TeacherPairConfig, TeacherPairTrainer, load_teacher
 
@@ -136,14 +136,7 @@ class DataCollatorForADPA:
         return batch
 
     def build(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        cut = slice(None, self.max_length)
-        ids = [torch.tensor((list(p) + list(r))[cut], dtype=torch.long) for p, r in sequences]
-        completion = [torch.tensor(([0] * len(p) + [1] * len(r))[cut], dtype=torch.long) for p, r in sequences]
-        return {
-            "input_ids": pad(ids, padding_value=self.pad_token_id, padding_side="right"),
-            "attention_mask": pad([torch.ones_like(x) for x in ids], padding_value=0, padding_side="right"),
-            "completion_mask": pad(completion, padding_value=0, padding_side="right"),
-        }
+        return right_padded_batch(sequences, self.pad_token_id, self.max_length)
 
 
 def split_rows(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int]]]:

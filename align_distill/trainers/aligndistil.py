@@ -34,8 +34,8 @@ from align_distill.data_gen.backends import SamplingParams
 from align_distill.losses import aligndistil_loss, masked_mean
 from align_distill.losses.divergence import default_chunk_size
 from align_distill.models import check_model_vocab, load_model, shared_vocab_size
-from align_distill.trainers.common import default_precision, prepare_frozen
-from align_distill.trainers.rollouts import ENGINE_BACKENDS, RolloutEngine, zero3_enabled
+from align_distill.trainers.common import LossOnlyPrediction, default_precision, prepare_frozen, right_padded_batch
+from align_distill.trainers.rollouts import ENGINE_BACKENDS, RolloutEngine, rollout_seeds, zero3_enabled
 from align_distill.vocabulary import reject_ignored_fields
 
 logger = logging.getLogger(__name__)
@@ -393,7 +393,7 @@ def _frozen_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep:
 # ---- trainer ------------------------------------------------------------------------------------------------------
 
 
-class AlignDistilTrainer(SFTTrainer):
+class AlignDistilTrainer(LossOnlyPrediction, SFTTrainer):
     """TRL `SFTTrainer` whose loss is AlignDistil's; see the module docstring.
 
     Args:
@@ -507,35 +507,16 @@ class AlignDistilTrainer(SFTTrainer):
         params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length
         )
-        base_seed = (args.seed * 1_000_003 + self._rollouts) * 1_009 + self.accelerator.process_index
-        seeds = [base_seed * 65_537 + i for i in range(len(prompts))]
+        seeds = rollout_seeds(args.seed, self._rollouts, self.accelerator.process_index, len(prompts))
         self._rollouts += 1
         completions = self.rollouts.sample(
             prompts, params, seeds, model=self.model, step=self.state.global_step, zero3=self._zero3
         )
-        sequences, responses = [], []
-        for prompt, response_ids in zip(prompts, completions):
-            prompt_ids = encode_prompt(self._tokenizer, prompt)
-            sequences.append((prompt_ids, response_ids))
-            responses.append(len(response_ids))
-        length = max(len(p) + len(r) for p, r in sequences)
-        pad = self._tokenizer.pad_token_id
-        input_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        completion_mask = torch.zeros_like(input_ids)
-        for row, (prompt_ids, response_ids) in enumerate(sequences):
-            ids = prompt_ids + response_ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            completion_mask[row, len(prompt_ids) : len(ids)] = 1
+        sequences = [(encode_prompt(self._tokenizer, p), r) for p, r in zip(prompts, completions)]
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["rollout/response_length"].append(sum(responses) / len(responses))
-        device = self.accelerator.device
-        return {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention_mask.to(device),
-            "completion_mask": completion_mask.to(device),
-        }
+        self._metrics[mode]["rollout/response_length"].append(sum(len(r) for r in completions) / len(completions))
+        batch = right_padded_batch(sequences, self._tokenizer.pad_token_id)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
 
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -547,12 +528,6 @@ class AlignDistilTrainer(SFTTrainer):
         tokens = self.accelerator.gather_for_metrics(rows.sum()).sum().item()
         self._metrics[mode]["num_scored_tokens"].append(float(tokens))
         return (loss, {}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def train(self, *args, **kwargs):
         try:

@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers.integrations import deepspeed as hf_deepspeed
 from trl.models.utils import prepare_deepspeed
+from trl.trainer.utils import pad
 
 
 def response_view(
@@ -29,6 +30,44 @@ def response_view(
             f"{tuple(completion_mask.shape)} must agree on [B, L]"
         )
     return logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:].bool()
+
+
+def right_padded_batch(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """`input_ids` / `attention_mask` / `completion_mask` `[B, L]`, right-padded, for (prompt ids, response ids)
+    pairs (each cut at `max_length` when given): the batch layout every on-policy and response-level trainer trains
+    on."""
+    cut = slice(None, max_length)
+    ids = [torch.tensor((list(p) + list(r))[cut], dtype=torch.long) for p, r in sequences]
+    completion = [torch.tensor(([0] * len(p) + [1] * len(r))[cut], dtype=torch.long) for p, r in sequences]
+    return {
+        "input_ids": pad(ids, padding_value=pad_token_id, padding_side="right"),
+        "attention_mask": pad([torch.ones_like(x) for x in ids], padding_value=0, padding_side="right"),
+        "completion_mask": pad(completion, padding_value=0, padding_side="right"),
+    }
+
+
+def record_metrics(trainer: Any, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Log each value averaged over processes in the trainer's TRL metrics (train or eval, as the model's mode);
+    returns the averaged values."""
+    mode = "train" if trainer.model.training else "eval"
+    averaged = {}
+    for key, value in values.items():
+        averaged[key] = trainer.accelerator.gather(value.detach().float().reshape(1)).mean().item()
+        trainer._metrics[mode][key].append(averaged[key])
+    return averaged
+
+
+class LossOnlyPrediction:
+    """Evaluation through `compute_loss` alone, for trainers whose loss builds its own batch (rollouts, teacher
+    signals) and returns no logits worth keeping. Mix in before the TRL trainer class."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
 
 def scatter_rows(mask: torch.Tensor, rows: Sequence[torch.Tensor], fill: float | int = 0) -> torch.Tensor:

@@ -41,7 +41,6 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import pad
 
 from align_distill.data.tokens import encode_prompt_responses, encode_prompts
 from align_distill.data_gen.backends import SamplingParams, generate_with_seeds
@@ -51,8 +50,16 @@ from align_distill.losses.reduction import token_logps
 from align_distill.models import check_model_vocab, shared_vocab_size, slice_logits_to_vocab
 from align_distill.vocabulary import reject_ignored_fields
 
-from .common import default_precision, frozen_logits, prepare_frozen, response_view
-from .rollouts import RolloutEngine, zero3_enabled
+from .common import (
+    LossOnlyPrediction,
+    default_precision,
+    frozen_logits,
+    prepare_frozen,
+    record_metrics,
+    response_view,
+    right_padded_batch,
+)
+from .rollouts import RolloutEngine, rollout_seeds, zero3_enabled
 from .signals import TeacherSignalReader
 from .teacher import SignalsCollator, load_teacher
 
@@ -377,20 +384,13 @@ class KDCollator:
         return batch
 
     def build(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        cut = slice(None, self.max_length)
-        ids = [torch.tensor((list(p) + list(r))[cut], dtype=torch.long) for p, r in sequences]
-        completion = [torch.tensor(([0] * len(p) + [1] * len(r))[cut], dtype=torch.long) for p, r in sequences]
-        return {
-            "input_ids": pad(ids, padding_value=self.pad_token_id, padding_side="right"),
-            "attention_mask": pad([torch.ones_like(x) for x in ids], padding_value=0, padding_side="right"),
-            "completion_mask": pad(completion, padding_value=0, padding_side="right"),
-        }
+        return right_padded_batch(sequences, self.pad_token_id, self.max_length)
 
 
 # ---- trainer --------------------------------------------------------------------------------------------------------
 
 
-class KDTrainer(SFTTrainer):
+class KDTrainer(LossOnlyPrediction, SFTTrainer):
     """KD (docs/methods/kd.md, "Trainer") on TRL's `SFTTrainer`; see the module docstring.
 
     Args:
@@ -495,8 +495,7 @@ class KDTrainer(SFTTrainer):
         args = self.args
         prompts = inputs["prompt"]
         params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_completion_length)
-        base_seed = (args.seed * 1_000_003 + self._samples) * 1_009 + self.accelerator.process_index
-        seeds = [base_seed * 65_537 + i for i in range(len(prompts))]
+        seeds = rollout_seeds(args.seed, self._samples, self.accelerator.process_index, len(prompts))
         self._samples += 1
         if self.rollouts is not None:
             zero3 = zero3_enabled(self.accelerator, self.is_deepspeed_enabled)
@@ -571,25 +570,10 @@ class KDTrainer(SFTTrainer):
             parts["kd/on_policy_fraction"] = torch.tensor(float(on_policy), device=logits.device)
         if t is not None:
             parts["taid/t"] = torch.tensor(t, device=logits.device)
-        recorded = self._record(parts)
+        recorded = record_metrics(self, parts)
         if t is not None and training:
             self.taid.update(recorded["kd/loss"], self.state.global_step, self.state.max_steps)
         return (loss, outputs) if return_outputs else loss
-
-    def _record(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Log each value (averaged over processes) as TRL does; the averaged values."""
-        mode = "train" if self.model.training else "eval"
-        averaged = {}
-        for key, value in values.items():
-            averaged[key] = self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
-            self._metrics[mode][key].append(averaged[key])
-        return averaged
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def train(self, *args, **kwargs):
         try:

@@ -31,6 +31,13 @@ def zero3_enabled(accelerator: Any, is_deepspeed_enabled: bool) -> bool:
     return bool(is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
 
+def rollout_seeds(seed: int, call: int, process_index: int, count: int) -> list[int]:
+    """One sampling seed per prompt of the `call`-th sampling call on this process: reruns draw the same samples,
+    and no two calls, processes or prompts share a seed."""
+    base = (seed * 1_000_003 + call) * 1_009 + process_index
+    return [base * 65_537 + i for i in range(count)]
+
+
 def base_model(model: Any) -> Any:
     """A PEFT model's base model (the layers that carry the adapters); any other model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -15,10 +15,17 @@ from align_distill.losses import masked_mean
 from align_distill.losses.reduction import token_logps
 from align_distill.models import check_tokenizer_compatibility, load_model, load_tokenizer, slice_logits_to_vocab
 from align_distill.models.vocab import check_model_vocab
-from align_distill.trainers.common import default_precision
 from align_distill.vocabulary import reject_ignored_fields
 
-from .common import DPO_LOSS_OPTIONS, DPO_REFERENCE_SYNC, frozen_logits, prepare_frozen, response_view
+from .common import (
+    DPO_LOSS_OPTIONS,
+    DPO_REFERENCE_SYNC,
+    default_precision,
+    frozen_logits,
+    prepare_frozen,
+    record_metrics,
+    response_view,
+)
 from .signals import TeacherSignalReader
 
 
@@ -210,6 +217,4 @@ class TeacherPairTrainer(DPOTrainer):
         return masked_mean(-token_logps(logits, labels), mask, self.args.loss_reduction)
 
     def _record(self, values: dict[str, torch.Tensor]) -> None:
-        mode = "train" if self.model.training else "eval"
-        for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.detach().float()).mean().item())
+        record_metrics(self, values)
