@@ -1,0 +1,1 @@
+"""Draft models for speculative decoding: acceptance rates, block efficiency and a reference speculative sampler."""
