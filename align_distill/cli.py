@@ -1,6 +1,7 @@
-"""`align-distill <command>`: train a method, generate data, run a pipeline or the quickstart, validate data.
+"""`align-distill <command>`: train a method, generate data, evaluate models, run a pipeline or the quickstart,
+validate data.
 
-`train`, `generate`, `pipeline` and `quickstart` read their settings through one machinery
+`train`, `generate`, `evaluate`, `pipeline` and `quickstart` read their settings through one machinery
 (`align_distill.configuration`): a YAML file or shipped recipe name via `--config`, then `--key value` overrides.
 
 Commands are registered by name as "module:function" strings and imported only when they run, so `--help` and
@@ -22,6 +23,10 @@ from align_distill.errors import DEBUG_ENV, UserError, debug_enabled
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("align_distill.commands:train", "train a method: train METHOD --config FILE|RECIPE [--key value]"),
     "generate": ("align_distill.data_gen.command:main", "data generation: generate JOB --config FILE|RECIPE"),
+    "evaluate": (
+        "align_distill.commands:evaluate",
+        "score models: judge win-rates, reward models, checkers: evaluate --config FILE|RECIPE",
+    ),
     "pipeline": ("align_distill.pipeline:pipeline_command", "run a multi-stage recipe; finished stages are skipped"),
     "quickstart": ("align_distill.quickstart.run:quickstart_command", "the whole story on a CPU in minutes"),
     "recipes": ("align_distill.recipes:main", "the shipped recipes: list | show NAME | copy NAME DIR"),

@@ -1,4 +1,5 @@
-"""`align-distill train METHOD --config FILE|RECIPE [--key value ...]`: one method's training run.
+"""`align-distill train METHOD --config FILE|RECIPE [--key value ...]`: one method's training run; and
+`align-distill evaluate [SUBCOMMAND] ...`, which dispatches its subcommands (`EVALUATE_SUBCOMMANDS`).
 
 The method's dataclasses (`DATACLASSES`: data arguments, the training config, TRL's `ModelConfig`) are filled from
 the YAML file (or shipped recipe) and the `--key value` overrides by `align_distill.configuration`, so an unknown
@@ -12,8 +13,10 @@ import os
 from typing import Any
 
 from align_distill import configuration
+from align_distill.callables import load_callable
 from align_distill.distributed import init_cpu_process_group
 from align_distill.errors import ConfigError, did_you_mean
+from align_distill.evaluation.command import main as evaluate_models
 from align_distill.hub import push_run
 from align_distill.methods import METHODS, method_module
 from align_distill.methods.run import run_method
@@ -66,3 +69,15 @@ def train(argv: list[str]) -> int:
     module, parsed = train_arguments(name, rest)
     run_method(name, module, parsed, publish=push_run)
     return 0
+
+
+# `align-distill evaluate SUB ...`: "module:function" taking the remaining arguments and returning the exit code,
+# imported only when it runs; any other first argument is an `EvaluateConfig` run.
+EVALUATE_SUBCOMMANDS: dict[str, str] = {"speculative": "align_distill.speculative.command:main"}
+
+
+def evaluate(argv: list[str]) -> int:
+    """`align-distill evaluate ...`; returns the exit code."""
+    if argv and argv[0] in EVALUATE_SUBCOMMANDS:
+        return load_callable(EVALUATE_SUBCOMMANDS[argv[0]], f"`evaluate {argv[0]}` command")(argv[1:])
+    return evaluate_models(argv, tuple(EVALUATE_SUBCOMMANDS))

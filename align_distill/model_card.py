@@ -152,7 +152,10 @@ def _eval_results(p: dict[str, Any]) -> list[EvalResult]:
     metrics = results.get(mine) if mine else results
     if not isinstance(metrics, dict):
         return []
-    dataset = results.get("dataset") if isinstance(results.get("dataset"), str) else "align-distill-evaluation"
+    dataset = next(
+        (d for d in (evaluation.get("dataset"), results.get("dataset")) if isinstance(d, str) and d),
+        "align-distill-evaluation",
+    )
     return [
         EvalResult(
             task_type=p.get("pipeline_tag") or "text-generation",

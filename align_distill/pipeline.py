@@ -5,25 +5,28 @@ A recipe is a list of named stages run in order:
     run_dir: runs/teacher
     stages:
       - name: teacher_sft
-        train: sft                     # or `generate: <job>`, or `call: module:function`
+        train: sft                     # or `generate: <job>`, `call: module:function`, `evaluate: inline`
         config: {model_name_or_path: models/teacher, dataset_name: data/sft.jsonl, max_steps: 200}
       - name: teacher_dpo
         train: dpo
         config: {model_name_or_path: "${teacher_sft}", dataset_name: data/pairs.jsonl}
 
 `${stage}` in a config value is that stage's output folder (and makes this stage depend on it); `${run_dir}` is
-the run folder. A stage's fingerprint hashes its kind, its config, the fingerprints of the stages it references
-and the content of the local files it names, so changing any input reruns exactly the stages downstream of it.
+the run folder. An `evaluate` stage runs `align-distill evaluate` (`align_distill.evaluation`): its value is a YAML
+file or recipe name whose keys `config` overrides, or `inline` (every key in `config`). A stage's fingerprint hashes
+its kind, its config, the fingerprints of the stages it references and the content of the local files it names, so
+changing any input reruns exactly the stages downstream of it.
 
 Stage names are plain folder names. A stage runs in `<run_dir>/.<stage>.partial/` and is renamed to `<stage>/` with
 a `stage.json` marker (secrets redacted, with the fingerprint's inputs so that a rerun says why it runs) only when it
 finished: an interrupted stage never looks complete. On the next run a `train` stage resumes from its last complete
-checkpoint when its fingerprint (kept in `.<stage>.partial/.fingerprint`) is unchanged, a `generate` stage keeps its
-partial store (it resumes exactly once), and a `call` stage starts clean. Folders are deleted only inside the run
-folder, by renaming them to `.<name>.trash` first, so a kill mid-deletion never leaves a stage that looks complete.
+checkpoint when its fingerprint (kept in `.<stage>.partial/.fingerprint`) is unchanged, a `generate` or `evaluate`
+stage keeps its partial stores (they resume exactly once), and a `call` stage starts clean. Folders are deleted only
+inside the run folder, by renaming them to `.<name>.trash` first, so a kill mid-deletion never leaves a stage that
+looks complete.
 
-Launched on several processes, only rank 0 touches the run folder and runs `call` / `generate` stages; every rank
-runs the `train` stages (see `Ranks` and docs/pipelines.md).
+Launched on several processes, only rank 0 touches the run folder and runs `call` / `generate` / `evaluate` stages;
+every rank runs the `train` stages (see `Ranks` and docs/pipelines.md).
 
 Before the first stage runs, every stage's config is built the way the stage will build it (`${stage}` replaced by
 the folder it will be), so an unknown key or a bad value in the last stage fails in seconds, naming the recipe's
@@ -59,6 +62,7 @@ from align_distill.data_gen.config import CONFIGS as JOB_CONFIGS
 from align_distill.data_gen.config import load_config as load_job_config
 from align_distill.distributed import has_accelerator, init_cpu_process_group, launched_world_size
 from align_distill.errors import ConfigError, UserError, did_you_mean
+from align_distill.evaluation import EvaluateConfig, load_evaluate_config, run_evaluation
 from align_distill.fingerprint import config_digest, path_digest
 from align_distill.hub import push_run
 from align_distill.methods import METHODS, method_module
@@ -83,7 +87,9 @@ class PipelineError(UserError, ValueError):
     """A recipe problem, naming the recipe file, line and stage (and key) at fault."""
 
 
-KINDS = ("train", "generate", "call")
+KINDS = ("train", "generate", "call", "evaluate")
+INLINE = "inline"
+"""`evaluate: inline`: the evaluation's keys are all in the stage's `config` (no YAML file or recipe under it)."""
 STAGE_KEYS = ("name", "config", *KINDS)
 
 
@@ -109,7 +115,7 @@ def duration(seconds: float) -> str:
 @dataclass
 class Stage:
     name: str
-    kind: str  # "train" | "generate" | "call"
+    kind: str  # "train" | "generate" | "call" | "evaluate"
     target: str  # method name, job name, or "module:function"
     config: dict[str, Any] = field(default_factory=dict)
     source: Source | None = field(default=None, compare=False, repr=False)  # where `config` came from, for errors
@@ -129,7 +135,7 @@ class Stage:
             hint = did_you_mean(unknown[0], list(STAGE_KEYS))
             raise PipelineError(f"{here.where((unknown[0],))}: unknown key `{unknown[0]}`{hint}")
         if len(kinds) != 1:
-            raise PipelineError(f"{here.where()}: give exactly one of `train`, `generate`, `call`")
+            raise PipelineError(f"{here.where()}: give exactly one of `train`, `generate`, `call`, `evaluate`")
         config = raw.get("config") or {}
         if not isinstance(config, dict):
             raise PipelineError(f"{here.where(('config',))}: `config` must be a mapping")
@@ -230,6 +236,11 @@ class Pipeline:
             return text
 
         _walk_strings(resolved, note_file)
+        if stage.kind == "evaluate" and stage.target != INLINE:
+            try:
+                inputs[stage.target] = path_digest(resolve_config(stage.target))
+            except ConfigError:
+                pass  # named in the error of the stage's check
         return {
             "kind": stage.kind,
             "target": stage.target,
@@ -256,9 +267,9 @@ class Pipeline:
 
     def run(self, from_stage: str | None = None, only: list[str] | None = None) -> dict[str, Path]:
         """Run the stages that are not complete. Launched on several processes (`torchrun`, `accelerate launch`),
-        only the main process creates, renames and deletes folders, runs `call` and `generate` stages and writes the
-        stage records; every process runs the `train` stages; the others wait at each step and follow the main
-        process's decisions."""
+        only the main process creates, renames and deletes folders, runs `call`, `generate` and `evaluate` stages and
+        writes the stage records; every process runs the `train` stages; the others wait at each step and follow the
+        main process's decisions."""
         names = [s.name for s in self.stages]
         for name in [from_stage, *(only or [])]:
             if name is not None and name not in names:
@@ -358,7 +369,7 @@ class Pipeline:
 
     def _run_stage(self, stage: Stage, ranks: Ranks) -> None:
         partial = self._partial(stage)
-        if stage.kind != "train":  # `call` and `generate`: the main process only; the others wait for it
+        if stage.kind != "train":  # `call`, `generate`, `evaluate`: the main process only; the others wait for it
             ranks.on_main(lambda: self._run_on_main(stage), f"in stage `{stage.name}`")
             return
         checkpoint = ranks.on_main(lambda: self._prepare(stage), f"preparing stage `{stage.name}`")
@@ -379,14 +390,14 @@ class Pipeline:
         """Clear the stage's folders for a run (main process); the checkpoint a training stage resumes from.
 
         The finished folder goes first (renamed out of the way, so it never looks complete half-deleted). The
-        partial folder is kept by a `generate` stage (its store resumes exactly once) and by a `train` stage whose
-        checkpoints belong to the same fingerprint; otherwise it is cleared."""
+        partial folder is kept by a `generate` or `evaluate` stage (its stores resume exactly once) and by a `train`
+        stage whose checkpoints belong to the same fingerprint; otherwise it is cleared."""
         final, partial = self.stage_dir(stage.name), self._partial(stage)
         self._remove(final)
         mark = partial / FINGERPRINT_FILE
         fingerprint = self._fingerprints[stage.name]
         same = mark.is_file() and mark.read_text().strip() == fingerprint
-        if not (stage.kind == "generate" or (stage.kind == "train" and same)):
+        if not (stage.kind in ("generate", "evaluate") or (stage.kind == "train" and same)):
             self._remove(partial)
         partial.mkdir(parents=True, exist_ok=True)
         if stage.kind != "train":
@@ -606,6 +617,25 @@ def _call_function(stage: Stage, config: dict[str, Any], out: Path) -> Callable[
     return function
 
 
+def _evaluate_config(stage: Stage, config: dict[str, Any], out: Path) -> EvaluateConfig:
+    """An `evaluate` stage's config: its file or recipe (unless `inline`) with the stage's keys on top, writing into
+    the stage folder; errors name the recipe, line and stage."""
+    path = None if stage.target == INLINE else stage.target
+    try:
+        return load_evaluate_config(path, {**config, "output_dir": str(out)}, stage.config_source())
+    except ConfigError as error:
+        if path is None:
+            raise
+        raise ConfigError(f"{stage.config_source().where()}: {error}") from None
+
+
+def _run_evaluate(stage: Stage, config: dict[str, Any], out: Path) -> Any:
+
+    results = run_evaluation(_evaluate_config(stage, config, out))
+    return {label: summary["metrics"] | ({"judge": summary["judge"]} if "judge" in summary else {})
+            for label, summary in results["models"].items()}  # fmt: skip
+
+
 def _run_train(stage: Stage, config: dict[str, Any], out: Path) -> Any:
 
     module, parsed = _train_arguments(stage, config, out)
@@ -626,12 +656,14 @@ RUNNERS: dict[str, Callable[[Stage, dict[str, Any], Path], Any]] = {
     "train": _run_train,
     "generate": _run_generate,
     "call": _run_call,
+    "evaluate": _run_evaluate,
 }
 
 CHECKS: dict[str, Callable[[Stage, dict[str, Any], Path], Any]] = {
     "train": _train_arguments,
     "generate": _job_config,
     "call": _call_function,
+    "evaluate": _evaluate_config,
 }
 
 

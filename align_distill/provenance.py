@@ -393,15 +393,28 @@ def _data_gen(run: Run, stage_name: str | None) -> list[dict[str, Any]]:
 
 
 def _evaluation(run: Run, model_dir: Path) -> dict[str, Any] | None:
-    """eval.json next to the model, or the run's evaluate stage(s) (quickstart format: label -> metrics)."""
+    """eval.json next to the model, or the eval.json of the run's stage that evaluated this model (an `evaluate` stage
+    or a `call` stage with a `models` mapping: label -> path, or label -> {model: path, ...}; eval.json: label ->
+    metrics). A stage that evaluated this model wins over one that did not."""
     own = _read_json(model_dir / EVAL_FILE)
     if own is not None:
         return {"results": own, "this_model": None, "source": "eval.json"}
+    found = []
     for name, stage in run.stages.items():
         results = _read_json(run.root / name / EVAL_FILE)
         if results is None:
             continue
-        models = (stage.get("config") or {}).get("models") or {}
-        mine = [label for label, path in models.items() if run.locate(str(path)) == (model_dir.name, model_dir)]
-        return {"results": results, "this_model": mine[0] if mine else None, "source": f"{name}/eval.json"}
-    return None
+        config = stage.get("config") or {}
+        models = config.get("models") or {}
+        mine = [label for label, spec in models.items() if _evaluated_path(run, spec) == (model_dir.name, model_dir)]
+        record = {"results": results, "this_model": mine[0] if mine else None, "source": f"{name}/eval.json"}
+        if isinstance(config.get("prompts"), str):
+            record["dataset"] = config["prompts"]
+        found.append(record)
+    return next((r for r in found if r["this_model"]), found[0] if found else None)
+
+
+def _evaluated_path(run: Run, spec: Any) -> tuple[str, Path] | None:
+    """Where an evaluated model's folder is in the run (its spec is a path or a mapping with `model`)."""
+    path = spec.get("model") if isinstance(spec, dict) else spec
+    return run.locate(str(path)) if path else None

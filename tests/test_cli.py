@@ -17,7 +17,7 @@ from align_distill.quickstart import run as quickstart_run
 def test_help_lists_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "generate", "pipeline", "quickstart", "data", "models"):
+    for command in ("train", "generate", "evaluate", "pipeline", "quickstart", "data", "models"):
         assert command in out
 
 
@@ -264,3 +264,39 @@ def test_recipe_names_are_accepted_by_config(tmp_path, monkeypatch, capsys):
     assert "`dckd/cahce`: no such file, and not a recipe name" in one_error_line(capsys)
     assert main(["recipes", "list"]) == 0
     assert "dckd/cache" in capsys.readouterr().out
+
+
+def test_evaluate_errors_are_one_line_and_a_missing_model_names_itself(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text("prompts: p.jsonl\noutput_dir: out\nmodels: {a: m}\nchekers: {c: 'x:y'}\n")
+    assert main(["evaluate", "--config", str(config)]) == 2
+    assert one_error_line(capsys) == (
+        f"error: {config}: line 4: unknown key `chekers` for evaluate (did you mean `checkers`?)"
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "sort: b a"}) + "\n")
+    config.write_text(
+        f"prompts: {prompts}\noutput_dir: {tmp_path / 'out'}\nmodels: {{a: {tmp_path / 'nowhere'}}}\n"
+        "checkers: {task: 'align_distill.evaluation.checkers:synthetic_task'}\n"
+    )
+    assert main(["evaluate", "--config", str(config), "--generation.progress", "false"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: models.a (") and "nowhere" in line and "a rerun resumes" in line
+
+
+def echo_arguments(argv: list[str]) -> int:
+    """Stands in for `align_distill.speculative.command:main` (another helper's module)."""
+    print(argv)
+    return 0
+
+
+def test_evaluate_speculative_is_dispatched_to_its_command(monkeypatch, capsys):
+    from align_distill import commands
+
+    assert commands.EVALUATE_SUBCOMMANDS["speculative"] == "align_distill.speculative.command:main"
+    monkeypatch.setitem(commands.EVALUATE_SUBCOMMANDS, "speculative", "tests.test_cli:echo_arguments")
+    assert main(["evaluate", "speculative", "--config", "x.yaml", "--k", "4"]) == 0
+    assert capsys.readouterr().out.strip() == "['--config', 'x.yaml', '--k', '4']"
+    assert main(["evaluate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "pairwise_judge" in out and "align-distill evaluate speculative" in out

@@ -133,11 +133,18 @@ def pipeline_run(tiny_models, tmp_path_factory, recipe_secret) -> Path:
                 "hub_token": recipe_secret,
             },
         ),
+        Stage("test_prompts", "call", "align_distill.quickstart:write_test_prompts", {"n": 4}),
         Stage(
             "evaluate",
-            "call",
-            "align_distill.quickstart:evaluate_models",
-            {"models": {"student_dckd": "${student}"}, "n": 4},
+            "evaluate",
+            "inline",
+            {
+                "prompts": "${test_prompts}/prompts.jsonl",
+                "models": {"student_dckd": "${student}"},  # a LoRA adapter: merged into its base to generate
+                "generation": {"max_completion_length": 8, "progress": False},
+                "checkers": {"task": "align_distill.evaluation.checkers:synthetic_task"},
+                "bootstrap_resamples": 100,
+            },
         ),
     ]
     Pipeline(run_dir, stages).run()
@@ -182,6 +189,9 @@ def test_push_uploads_adapter_tokenizer_card_and_record(pipeline_run, hub, tiny_
     assert front.library_name == "peft" and {"align-distill", "dckd", "lora"} <= set(front.tags)
     assert front.base_model == "my-org/tiny-base" and front.base_model_relation == "adapter"
     assert front.eval_results and front.eval_results[0].metric_type == "reward"
+    assert {r.metric_type for r in front.eval_results} == {"reward", "capability", "preference", "n"}
+    assert front.eval_results[0].dataset_name == "test_prompts/prompts.jsonl (evaluate/eval.json)"
+    assert (pipeline_run / "evaluate" / "merged" / "student_dckd" / "config.json").is_file()  # the adapter, merged
     assert str(pipeline_run) not in card and str(Path(tiny_models["student"]).parent) not in card
     assert f"align-distill {__version__}" in card and record["align_distill_version"] == __version__
     assert "**dckd**" in card and record["method"] == "dckd" and record["format"] == "adapter"

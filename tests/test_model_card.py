@@ -137,6 +137,27 @@ def test_card_metadata_parses_back(fake_run):
     assert "| teacher_model_name_or_path | Org/teacher-7b@abc123 | revision abc123 |" in card
 
 
+def test_model_index_takes_the_evaluate_stage_that_evaluated_this_model(fake_run):
+    """An `evaluate` stage (models as `{model: path}` specs, a prompt set, judge win-rates) that evaluated this
+    student wins over an older evaluation that did not; its numbers fill the model-index."""
+    student = fake_run / "student"
+    evaluation = {"student_dckd": {"win_rate": 0.625, "lc_win_rate": 0.6, "n": 8}, "teacher": {"n": 8}}
+    _write(fake_run / "judged" / "eval.json", evaluation)
+    config = {
+        "prompts": str(fake_run / "data" / "held_out.jsonl"),
+        "models": {"teacher": {"model": "Org/teacher-7b"}, "student_dckd": {"model": str(student)}},
+        "baseline": "teacher",
+    }
+    _stage(fake_run, "judged", "evaluate", "inline", config, when=5)
+    (fake_run / "evaluate" / "eval.json").write_text(json.dumps({"other": {"reward": 0.1}}))
+    _stage(fake_run, "evaluate", "call", "eval", {"models": {"other": "Org/other"}}, when=4)
+    card, provenance = _card(fake_run)
+    assert provenance["evaluation"]["this_model"] == "student_dckd"
+    results = {r.metric_type: r.metric_value for r in ModelCard(card).data.eval_results}
+    assert results == {"win_rate": 0.625, "lc_win_rate": 0.6, "n": 8}
+    assert ModelCard(card).data.eval_results[0].dataset_name == "data/held_out.jsonl (judged/eval.json)"
+
+
 def test_card_shows_no_local_path_no_json_dump_and_no_bookkeeping(fake_run, tmp_path):
     card, provenance = _card(fake_run, published_base_model="local:student")  # as hub.stage_publication sets it
     record = json.dumps(provenance)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from align_distill import pipeline as pipeline_module
+from align_distill import synthetic
 from align_distill.errors import ConfigError
 from align_distill.pipeline import Pipeline, PipelineError, run_pipeline_file
 
@@ -277,3 +278,49 @@ def test_stage_record_never_holds_a_secret(tmp_path):
     assert token not in text and "<redacted>" in text
     Pipeline.from_recipe(spec).run()
     assert calls(tmp_path) == ["k"]  # the redacted record still marks the stage complete
+
+
+def evaluate_recipe(tmp_path: Path, tiny_models: dict, eval_file: Path) -> dict:
+    """Two prompts, the tiny student evaluated by a checker: an `evaluate` stage reading a YAML file plus keys."""
+    prompts = tmp_path / "prompts.jsonl"
+    texts = synthetic.evaluation_prompts("test", 0, 2)
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in texts))
+    eval_file.write_text(
+        "generation: {max_completion_length: 4, progress: false}\n"
+        "checkers: {task: align_distill.evaluation.checkers:synthetic_task}\nbootstrap_resamples: 50\n"
+    )
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "stages": [
+            {"name": "first", "call": f"{CALL}:write_number", "config": {"value": 1, "name": "a"}},
+            {
+                "name": "scores",
+                "evaluate": str(eval_file),
+                "config": {"prompts": str(prompts), "models": {"student": str(tiny_models["student"])}},
+            },
+        ],
+    }
+
+
+def test_evaluate_stage_runs_once_and_reruns_when_its_file_changes(tmp_path, tiny_models, capsys):
+    eval_file = tmp_path / "eval.yaml"
+    raw = evaluate_recipe(tmp_path, tiny_models, eval_file)
+    out = Pipeline.from_recipe(raw).run()
+    scores = json.loads((out["scores"] / "eval.json").read_text())
+    assert set(scores["student"]) == {"reward", "capability", "preference", "n"} and scores["student"]["n"] == 2
+    assert (out["scores"] / "report.md").is_file() and (out["scores"] / "generations" / "student").is_dir()
+    record = json.loads((out["scores"] / "stage.json").read_text())
+    assert record["kind"] == "evaluate" and record["result"]["student"]["reward"]["n"] == 2
+    Pipeline.from_recipe(raw).run()
+    assert "scores: done" in capsys.readouterr().out
+    eval_file.write_text(eval_file.read_text().replace("bootstrap_resamples: 50", "bootstrap_resamples: 60"))
+    Pipeline.from_recipe(raw).run()
+    assert f"input file {eval_file} changed" in capsys.readouterr().out
+
+
+def test_evaluate_stage_keys_are_checked_before_the_first_stage(tmp_path, tiny_models):
+    raw = evaluate_recipe(tmp_path, tiny_models, tmp_path / "eval.yaml")
+    raw["stages"][1]["config"]["baseline"] = "teacher"
+    with pytest.raises(ConfigError, match="stage `scores`.*baseline: 'teacher' is not one of the models"):
+        Pipeline.from_recipe(raw).run()
+    assert calls(tmp_path) == []  # nothing ran

@@ -25,7 +25,7 @@ YAMLS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name not in recip
 
 
 def classify(values: dict) -> set[str]:
-    """What a recipe is, by its keys: a pipeline, a generate job, a training recipe."""
+    """What a recipe is, by its keys: a pipeline, a generate job, a training recipe, an evaluation."""
     kinds = set()
     if "stages" in values:
         kinds.add("pipeline")
@@ -33,6 +33,8 @@ def classify(values: dict) -> set[str]:
         kinds.add("generate")
     if "model_name_or_path" in values:
         kinds.add("train")
+    if "prompts" in values and "models" in values:
+        kinds.add("evaluate")
     return kinds
 
 
@@ -62,7 +64,7 @@ def test_every_recipe_is_one_kind(path):
     (kind,) = kinds
     first = path.read_text(encoding="utf-8").splitlines()[0]
     for command, expected in (("align-distill pipeline", "pipeline"), ("align-distill generate", "generate"),
-                              ("align-distill train", "train")):  # fmt: skip
+                              ("align-distill train", "train"), ("align-distill evaluate", "evaluate")):  # fmt: skip
         if first.startswith(f"# {command}"):
             assert kind == expected, (path, first)
     if kind == "pipeline":

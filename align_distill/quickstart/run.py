@@ -3,7 +3,8 @@
 Tiny teacher (bigger) and student (smaller) share one locally trained tokenizer. The teacher is prepared the way
 the methods need it — SFT (the reference teacher), DPO (the aligned teacher), reverse DPO (AlignDistil's
 contrast) — the student gets SFT, then each distillation method runs and every model is scored with the
-synthetic task's ground-truth reward. Rerunning reuses finished stages (fingerprints), `--from` reruns from one.
+synthetic task's ground-truth reward (an `evaluate` stage: `align_distill.evaluation` with the task's checker).
+Rerunning reuses finished stages (fingerprints), `--from` reruns from one.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 
 from align_distill import configuration, synthetic
-from align_distill.models import load_model, load_tokenizer
 from align_distill.models.tiny import make_tiny_models
-from align_distill.pipeline import Pipeline, Stage
-from align_distill.synthetic import evaluate
+from align_distill.pipeline import INLINE, Pipeline, Stage
+from align_distill.run_files import EVAL_FILE
 
 from .report import results_table, write_report
 from .stages import BASE_MODELS, CURVE_STAGES, CURVES_PNG, METHOD_STAGES, _smoke, base_stages
@@ -44,25 +44,52 @@ def write_data(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pairs: int = 1
     return {name: len(rows) for name, rows in files.items()}
 
 
-def evaluate_models(
+def write_test_prompts(out_dir: Path, seed: int = 0, n: int | None = None) -> dict[str, int]:
+    """Stage `test_prompts`: the first `n` (default all) distinct prompts of `seed`'s test split, each one user
+    turn, as `prompts.jsonl` (the `evaluate` stage's prompt set; no training file contains them)."""
+
+    texts = synthetic.evaluation_prompts("test", seed, n)
+    with open(out_dir / "prompts.jsonl", "w") as handle:
+        for index, text in enumerate(texts):
+            handle.write(json.dumps({"id": f"test-{seed}-{index}", "prompt": [{"role": "user", "content": text}]}))
+            handle.write("\n")
+    return {"prompts.jsonl": len(texts)}
+
+
+def evaluate_stage(models: dict[str, str], prompts: str) -> Stage:
+    """Stage `evaluate`: every model's greedy answers (the transformers backend, batches of 64, fp32: the
+    quickstart's numbers since the start) scored by the synthetic task's ground truth; `eval.json` holds each
+    model's reward, capability, preference and n."""
+    return Stage(
+        "evaluate",
+        "evaluate",
+        INLINE,
+        {
+            "prompts": prompts,
+            "models": {
+                label: {"model": path, "backend_kwargs": {"batch_size": 64, "dtype": "float32"}}
+                for label, path in models.items()
+            },
+            "generation": {"max_completion_length": 24, "shard_size": 64},
+            "checkers": {"task": "align_distill.evaluation.checkers:synthetic_task"},
+        },
+    )
+
+
+def write_run_report(
     out_dir: Path,
+    scores: str,
     models: dict[str, str],
-    n: int | None = None,
-    seed: int = 0,
     curves: str | None = None,
     smoke: bool = False,
 ) -> dict[str, dict]:
-    """Stage `evaluate`: greedy ground-truth reward of every model on `seed`'s test split (the first `n` prompts,
-    default all); writes `eval.json`, `report.md`, `reward.png`
-    (and copies the `convergence` stage's reward-vs-steps chart into the report when `curves` names it). `smoke`:
-    the report and chart say it is a smoke run (toy sizes)."""
+    """Stage `report`: the quickstart's table and chart from the `evaluate` stage's `eval.json` (`scores`); writes
+    `report.md` and `reward.png`, and copies the `convergence` stage's reward-vs-steps chart into the report when
+    `curves` names it. `smoke`: the report and chart say it is a smoke run (toy sizes)."""
 
-    results: dict[str, dict] = {}
-    for name, path in models.items():
-        model = load_model(path, dtype="float32")
-        results[name] = evaluate(model, load_tokenizer(path), n=n, seed=seed).as_dict()
-        print(f"  {name:18s} reward {results[name]['reward']:.3f}", flush=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    results = json.loads((Path(scores) / EVAL_FILE).read_text())
+    for name, metrics in results.items():
+        print(f"  {name:18s} reward {metrics['reward']:.3f}", flush=True)
     curve_data = None
     if curves is not None:
         (out_dir / CURVES_PNG).write_bytes((Path(curves) / CURVES_PNG).read_bytes())
@@ -89,7 +116,14 @@ def build_pipeline(
             elif shared.config != stage.config:  # a shared stage (e.g. the teacher's signals) must be the same stage
                 raise ValueError(f"quickstart: two methods define stage {stage.name!r} differently")
         models[f"student_{method}" if not method.startswith("student") else method] = f"${{{method_stages[-1].name}}}"
-    evaluate = {"models": models, "seed": seed, "n": synthetic.EVAL_SIZES["test"]}
+    prompts = Stage(
+        "test_prompts",
+        "call",
+        "align_distill.quickstart:write_test_prompts",
+        {"seed": seed, "n": synthetic.EVAL_SIZES["test"]},
+    )
+    stages += [prompts, evaluate_stage(models, "${test_prompts}/prompts.jsonl")]
+    report = {"scores": "${evaluate}", "models": models}
     by_name = {stage.name: stage for stage in stages}
     curve_runs = {
         label: {"method": by_name[name].target, "config": by_name[name].config}
@@ -104,10 +138,10 @@ def build_pipeline(
             {"runs": curve_runs, "every": 10, "n": 200},
         )
         stages.append(curves)
-        evaluate["curves"] = "${convergence}"
-    if smoke:  # only then, so a full run's evaluate fingerprint is unchanged
-        evaluate["smoke"] = True
-    stages.append(Stage("evaluate", "call", "align_distill.quickstart:evaluate_models", evaluate))
+        report["curves"] = "${convergence}"
+    if smoke:  # only then, so a full run's report fingerprint is unchanged
+        report["smoke"] = True
+    stages.append(Stage("report", "call", "align_distill.quickstart:write_run_report", report))
     return Pipeline(run_dir, [_smoke(s) for s in stages] if smoke else stages)
 
 
@@ -126,11 +160,11 @@ def run_quickstart(
     started = time.time()
     pipeline = build_pipeline(run_dir, methods=methods, seed=seed, smoke=smoke)
     pipeline.run(from_stage=from_stage)
-    evaluate_dir = pipeline.stage_dir("evaluate")
-    results = json.loads((evaluate_dir / "eval.json").read_text())
+    results = json.loads((pipeline.stage_dir("evaluate") / EVAL_FILE).read_text())
+    report_dir = pipeline.stage_dir("report")
     for name in ("report.md", "reward.png", CURVES_PNG):
-        if (evaluate_dir / name).exists():
-            (Path(run_dir) / name).write_bytes((evaluate_dir / name).read_bytes())
+        if (report_dir / name).exists():
+            (Path(run_dir) / name).write_bytes((report_dir / name).read_bytes())
 
     print("\n" + results_table(results))
     print("(one seed, on its test split: whether the wiring works, not which method is better; see docs/results.md)")

@@ -1,5 +1,6 @@
 """SmolLM2-135M end to end (`examples/smollm2/pipeline.yaml`): the prompt task, its checker and judge, and the stages
-that have no generic job (GGUF import, task data, store → JSONL export, evaluation + report).
+that have no generic job (GGUF import, task data, store → JSONL export, the report), and the checker that the
+`evaluate` stage scores every model's answers with.
 
 **The task.** Short instructions with one checkable answer (arithmetic, larger-of-two, capitals, opposites,
 plurals, yes/no facts). Each kind has its own checker, written so that it can be applied to free text: the answer
@@ -21,7 +22,6 @@ import json
 import random
 import re
 import shutil
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -313,100 +313,61 @@ def export_data(out_dir: Path, pairs: str, samples: str) -> dict[str, int]:
     return {"pairs": len(pair_rows), "sft": len(sft_rows)}
 
 
-def _slug(name: str) -> str:
-    """A file name for a report label such as `teacher (π_ref)`."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+def check(prompt: str, response: str) -> dict[str, float]:
+    """The `evaluate` stage's checker: correct (capability), concise (preference), the judge's score and the word
+    count of one response."""
+    correct, concise = check_answer(lookup(prompt), response), is_concise(response)
+    return {
+        "capability": float(correct),
+        "preference": float(concise),
+        "judge_score": 0.5 * correct + 0.5 * concise,
+        "words": float(len(response.split())),
+    }
 
 
 def _user_text(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else [m for m in prompt if m["role"] == "user"][-1]["content"]
 
 
-def evaluate(
-    out_dir: Path,
-    models: dict[str, str],
-    prompts: str,
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    run_dir: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Stage `evaluate`: greedy responses of every model to the held-out prompts, scored by the same checker and
-    rule; writes `eval.json`, `responses/<model>.jsonl` and `report.md` (also copied to `run_dir/report.md`)."""
-    from align_distill.data.loading import read_records
-    from align_distill.data_gen.backends import SamplingParams, generate_with_seeds, make_generator
-
-    rows = list(read_records(prompts))
-    problems = [lookup(_user_text(r["prompt"])) for r in rows]
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    (out_dir / "responses").mkdir(exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
-    for name, path in models.items():
-        started = time.time()
-        generator = make_generator("transformers", path, batch_size=batch_size, dtype="float32")
-        try:
-            outputs = generate_with_seeds(generator, [r["prompt"] for r in rows], params, [0] * len(rows))
-        finally:
-            generator.close()
-        texts = [o[0].text for o in outputs]
-        correct = [check_answer(p, t) for p, t in zip(problems, texts)]
-        concise = [is_concise(t) for t in texts]
-        by_kind = {
-            kind: round(sum(c for c, p in zip(correct, problems) if p.kind == kind) / n, 3)
-            for kind in KINDS
-            if (n := sum(p.kind == kind for p in problems))
-        }
-        results[name] = {
-            "n": len(rows),
-            "capability": sum(correct) / len(rows),
-            "preference": sum(concise) / len(rows),
-            "judge_score": sum(0.5 * c + 0.5 * k for c, k in zip(correct, concise)) / len(rows),
-            "mean_words": sum(len(t.split()) for t in texts) / len(rows),
-            "capability_by_kind": by_kind,
-            "seconds": round(time.time() - started, 1),
-        }
-        _write_jsonl(
-            out_dir / "responses" / f"{_slug(name)}.jsonl",
-            [
-                {"prompt": p.prompt, "answer": p.answer, "response": t, "correct": c, "concise": k}
-                for p, t, c, k in zip(problems, texts, correct, concise)
-            ],
-        )
-        r = results[name]
-        print(f"  {name:24s} capability {r['capability']:.3f}  preference {r['preference']:.3f}", flush=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    report = render_report(results, models, prompts, max_new_tokens)
-    (out_dir / "report.md").write_text(report)
-    if run_dir is not None:
-        shutil.copyfile(out_dir / "report.md", Path(run_dir) / "report.md")
-    return results
+def _text(response: Any) -> str:
+    return response if isinstance(response, str) else response[-1]["content"]
 
 
-def render_report(
-    results: dict[str, dict[str, Any]], models: dict[str, str], prompts: str, max_new_tokens: int
-) -> str:
-    """The run's report.md: the stated metrics, one table row per model, capability by kind."""
-    n = next(iter(results.values()))["n"] if results else 0
+def report(out_dir: Path, evaluation: str, run_dir: str | None = None) -> dict[str, dict[str, float]]:
+    """Stage `report`: the example's report.md — the stated metrics, the `evaluate` stage's table (means with
+    bootstrap intervals) and capability by kind, recomputed from its per-prompt answers — also copied to
+    `run_dir/report.md`. Returns capability by kind per model."""
+    results = json.loads((Path(evaluation) / "results.json").read_text())
+    by_kind: dict[str, dict[str, float]] = {}
+    for name in results["models"]:
+        outcomes: dict[str, list[bool]] = {}
+        for row in results["rows"]:
+            if name in row["answers"]:
+                problem = lookup(_user_text(row["prompt"]))
+                outcomes.setdefault(problem.kind, []).append(check_answer(problem, _text(row["answers"][name])))
+        by_kind[name] = {k: round(sum(v) / len(v), 3) for k in KINDS if (v := outcomes.get(k))}
+    kinds = [k for k in KINDS if any(k in r for r in by_kind.values())]
+    evaluated = (Path(evaluation) / "report.md").read_text().split("\n", 2)[2]  # its table, without its title
     lines = [
         "# SmolLM2-135M: ADPA+ run report",
         "",
-        f"{n} held-out prompts (`{prompts}`), greedy decoding, at most {max_new_tokens} new tokens.",
-        "capability = fraction answered correctly (`examples/smollm2/smollm2.py: check_answer`); preference rate = "
-        f"fraction that are one sentence of at most {MAX_WORDS} words (`is_concise`, the judge's stated rule); "
-        "judge score = mean of 0.5·correct + 0.5·concise (the `rank` judge that made the DPO pairs).",
+        "Held-out prompts, greedy decoding. capability = fraction answered correctly "
+        "(`examples/smollm2/smollm2.py: check_answer`); preference = preference rate, the fraction that are one "
+        f"sentence of at most {MAX_WORDS} words (`is_concise`, the judge's stated rule); judge_score = mean of "
+        "0.5·correct + 0.5·concise (the `rank` judge that made the DPO pairs); words = mean words per answer.",
         "",
-        "| model | capability | preference rate | judge score | mean words |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        evaluated.replace("](", f"]({Path(evaluation).name}/") if run_dir else evaluated,
+        "Capability by kind:",
+        "",
+        "| model | " + " | ".join(kinds) + " |",
+        "| --- |" + " ---: |" * len(kinds),
+        *[
+            f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.2f}" for k in kinds) + " |"
+            for name, r in by_kind.items()
+        ],
+        "",
     ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['capability']:.3f} | {r['preference']:.3f} | {r['judge_score']:.3f} | "
-            f"{r['mean_words']:.1f} |"
-        )
-    kinds = [k for k in KINDS if any(k in r["capability_by_kind"] for r in results.values())]
-    header = ["| model | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
-    lines += ["", "Capability by kind:", "", *header]
-    for name, r in results.items():
-        cells = " | ".join(f"{r['capability_by_kind'].get(k, float('nan')):.2f}" for k in kinds)
-        lines.append(f"| {name} | {cells} |")
-    lines += ["", "## Models", "", *[f"- {name}: `{path}`" for name, path in models.items()], ""]
-    return "\n".join(lines)
+    (out_dir / "report.md").write_text("\n".join(lines))
+    if run_dir is not None:
+        shutil.copyfile(out_dir / "report.md", Path(run_dir) / "report.md")
+    return by_kind

@@ -40,15 +40,16 @@ def test_config_parses_and_every_stage_config_validates():
 
     from align_distill.callables import load_callable
     from align_distill.data_gen.config import as_config
+    from align_distill.evaluation import load_evaluate_config
     from align_distill.methods import method_module
 
     pipeline = Pipeline.from_recipe(_recipe())
     names = [s.name for s in pipeline.stages]
-    assert names[0] == "teacher" and names[-1] == "evaluate"
+    assert names[0] == "teacher" and names[-2:] == ["evaluate", "report"]
     assert {"teacher_samples", "ranked", "pairs", "teacher_dpo", "student_sft", "dckd", "rollout", "adpa"} <= set(
         names
     )
-    evaluate = pipeline.stages[-1]
+    evaluate = pipeline.stages[-2]
     assert set(references(evaluate)) >= {"teacher", "teacher_dpo", "student_sft", "adpa"}
     for stage in pipeline.stages:
         config = pipeline.resolve(stage)
@@ -58,6 +59,9 @@ def test_config_parses_and_every_stage_config_validates():
             assert config["max_length"] <= 128 and config["max_steps"] <= 150
         elif stage.kind == "generate":
             as_config(stage.target, {**config, "output_dir": "/nonexistent"})
+        elif stage.kind == "evaluate":
+            evaluation = load_evaluate_config(None, {**config, "output_dir": "/nonexistent"})
+            assert evaluation.baseline == "teacher (π_ref)" and evaluation.generation.temperature == 0
         else:
             assert callable(load_callable(stage.target))
 
@@ -117,11 +121,12 @@ def test_split_keeps_a_problem_and_its_reorderings_together():
 
 def test_only_the_evaluate_stage_reads_the_held_out_prompts():
     """The training chain starts from the training prompts alone; the held-out file feeds the final evaluation only,
-    and no stage reads the evaluation's outputs."""
+    and only the last stage (the report) reads the evaluation's outputs."""
     stages = _recipe()["stages"]
     readers = {s["name"] for s in stages if "prompts_eval" in json.dumps(s["config"])}
-    assert readers == {"evaluate"} and stages[-1]["name"] == "evaluate"
-    assert "${evaluate}" not in json.dumps(stages)
+    assert readers == {"evaluate"} and [s["name"] for s in stages[-2:]] == ["evaluate", "report"]
+    assert stages[-2]["evaluate"] == "inline" and "examples/smollm2/smollm2.py:check" in json.dumps(stages[-2])
+    assert [s["name"] for s in stages if "${evaluate}" in json.dumps(s)] == ["report"]
     files = {
         s["name"]: v
         for s in stages
@@ -170,7 +175,6 @@ def test_concise_rule_and_judge_score():
 SMOKE = {
     "max_steps": 2,
     "per_device_train_batch_size": 2,
-    "max_new_tokens": 6,  # the evaluate callable
     "max_completion_length": 6,  # generate jobs
     "n": 3,
     "keep_layers": "0,3",
@@ -187,6 +191,8 @@ def _smoke_recipe(wheel: Path, prompts: dict[str, Path]) -> dict[str, Any]:
         for key, value in SMOKE.items():
             if key in config:
                 config[key] = value
+        if "generation" in config:  # the evaluate stage
+            config["generation"]["max_completion_length"] = SMOKE["max_completion_length"]
         if "source" in config:
             config["source"] = str(wheel)
         for key in ("input", "prompts"):
@@ -232,8 +238,10 @@ def test_pipeline_runs_at_smoke_size_on_a_tiny_stand_in(tiny_models, tmp_path, m
     assert "student_sft (before)" in results and "student_adpa_plus (after)" in results
     assert all(r["n"] == 4 and 0 <= r["capability"] <= 1 and 0 <= r["preference"] <= 1 for r in results.values())
     report = (run_dir / "report.md").read_text()
-    assert "| student_adpa_plus (after) |" in report and "preference rate" in report
-    assert len((run_dir / "evaluate" / "responses" / "student_adpa_plus_after.jsonl").read_text().splitlines()) == 4
+    assert "| student_adpa_plus (after) | 4 / 4 |" in report and "preference rate" in report
+    assert "Capability by kind" in report and "(paired by prompt)" in report
+    rows = json.loads((run_dir / "evaluate" / "results.json").read_text())["rows"]
+    assert len(rows) == 4 and all("student_adpa_plus (after)" in r["answers"] for r in rows)
     # everything the example trains on (pairs: DPO, DCKD, the rollout's prompts, ADPA's SFT term; sft: the healing
     # SFT) holds no held-out problem
     trained_on = _prompts(run_dir / "data" / "pairs.jsonl") + _prompts(run_dir / "data" / "sft.jsonl")

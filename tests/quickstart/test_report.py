@@ -37,11 +37,11 @@ def test_smoke_report_and_chart_say_smoke(tmp_path):
     assert "smoke" not in (tmp_path / "report.md").read_text().lower()
 
 
-def test_smoke_flag_reaches_only_a_smoke_runs_evaluate_stage(tmp_path):
-    def evaluate_config(smoke: bool) -> dict:
+def test_smoke_flag_reaches_only_a_smoke_runs_report_stage(tmp_path):
+    def report_config(smoke: bool) -> dict:
         return next(
-            s for s in build_pipeline(tmp_path, methods=["dpo"], smoke=smoke).stages if s.name == "evaluate"
+            s for s in build_pipeline(tmp_path, methods=["dpo"], smoke=smoke).stages if s.name == "report"
         ).config
 
-    assert evaluate_config(True)["smoke"] is True
-    assert "smoke" not in evaluate_config(False)  # a full run's evaluate fingerprint is unchanged
+    assert report_config(True)["smoke"] is True
+    assert "smoke" not in report_config(False)  # a full run's report fingerprint is unchanged

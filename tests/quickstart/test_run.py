@@ -47,3 +47,25 @@ def test_quickstart_reports_reward_vs_steps_for_dpo_and_aligndistil(tmp_path):
     assert "![reward vs steps](reward_vs_steps.png)" in report and "| student_dpo | " in report
     assert (run_dir / "reward_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
     assert "convergence" not in [s.name for s in build_pipeline(run_dir, methods=["dpo"], smoke=True).stages]
+
+
+def test_the_evaluate_stage_answers_exactly_as_the_synthetic_evaluation(tiny_models, tmp_path):
+    """The quickstart's `evaluate` stage (the evaluate machinery: transformers backend through the `sample` store)
+    gives token for token the answers of `synthetic.evaluate`'s greedy loop, hence the same scores: the published
+    quickstart numbers did not change when the stage moved onto it."""
+    from align_distill import synthetic
+    from align_distill.models import load_model, load_tokenizer
+    from align_distill.pipeline import Pipeline, Stage
+    from align_distill.quickstart import evaluate_stage
+
+    models = {"teacher": str(tiny_models["teacher"]), "student": str(tiny_models["student"])}
+    prompts = Stage("test_prompts", "call", "align_distill.quickstart:write_test_prompts", {"seed": 3, "n": 70})
+    Pipeline(tmp_path, [prompts, evaluate_stage(models, "${test_prompts}/prompts.jsonl")]).run()
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    texts = synthetic.evaluation_prompts("test", 3, 70)
+    scores = json.loads((tmp_path / "evaluate" / "eval.json").read_text())
+    for label, path in models.items():
+        model, tokenizer = load_model(path, dtype="float32"), load_tokenizer(path)
+        expected = synthetic.generate_responses(model, tokenizer, texts)
+        assert [row["answers"][label][0]["content"] for row in results["rows"]] == expected
+        assert scores[label] == synthetic.evaluate(model, tokenizer, n=70, seed=3).as_dict()
