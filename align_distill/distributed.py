@@ -14,9 +14,11 @@ processes it does nothing, so the same command line runs everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -104,3 +106,25 @@ def init_cpu_process_group() -> Any | None:
         )
     logger.info("CPU process group: gloo, rank %d of %d", state.process_index, state.num_processes)
     return state
+
+
+@contextlib.contextmanager
+def gathered_head(*params: torch.Tensor | None) -> Iterator[None]:
+    """Gather ZeRO-3-partitioned LM-head parameters (weight, bias) whole, once per step, around a fused loss call
+    and its backward.
+
+    The fused losses (`align_distill.losses.fused`) compute the head's gradient inside the call, one vocabulary
+    tile at a time, from one gathered weight: one all-gather per step, not one per tile (TRL's note on DTensor heads
+    makes the same point). The backward must run inside too: it hands that gradient to the weight, and ZeRO-3's
+    gradient hooks need the weight whole then (tests/test_distributed.py::test_fused_loss_under_zero3). Collective
+    under ZeRO-3 (every rank must enter); parameters that are not partitioned (`ds_id` is DeepSpeed's mark) and
+    `None` are left alone, so the same code runs without DeepSpeed.
+    """
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # optional, heavy: only under ZeRO-3
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield

@@ -24,6 +24,14 @@ Sections:
       `align_distill.data_gen` imports pyarrow/datasets at import time, so when that fails the backend module is
       loaded without running that `__init__` (see `import_isolated`); `backend_import` says which happened.
 
+  (d) `fused_losses`: JSD (β = 0.5) from hidden states `[T, H]` and LM heads `[V, H]` (student trained, teacher
+      frozen; H = the student's hidden size, bf16), forward + backward: `naive` (both heads projected, full
+      log_softmax), `logits_path` (both projected, then `kd_loss`), `fused` (`fused_kd_loss`, default tiles, and
+      `fused_gpu_tiles`: 4096 rows x 8192 vocabulary entries per tile), and, where they
+      are importable, TRL's `_chunked_divergence_loss` and Liger's `LigerFusedLinearJSD` (otherwise the row says
+      why it was skipped). Extra peak memory over the inputs (as in (b)), the inputs' gradient size, median time,
+      and the ratios against TRL's row.
+
 Run: `python -m bench.gpu_check` (real sizes, needs CUDA), `python -m bench.gpu_check --dry-run` (the same code
 paths on CPU with tiny models, well under a minute). Prints one table per section and writes JSON to
 `--json PATH`, or to `$OUT/gpu_check.json` when `$OUT` is set (rewritten after each section, so a timeout keeps
@@ -141,6 +149,9 @@ TINY = Sizes(
     gen_repeats=1,
 )
 LOSS_VARIANTS = ["naive_log_softmax_kl", "kd_loss", "kd_loss_chunk64"]
+FUSED_VARIANTS = ["naive", "logits_path", "fused", "fused_gpu_tiles", "trl_chunked", "liger_fused_jsd"]
+GPU_TILES = {"row_chunk": 4096, "vocab_tile": 8192}  # the defaults suit a CPU's caches; a GPU wants bigger tiles
+FUSED_BETA = 0.5  # JSD: the one divergence TRL's, Liger's and ours all have
 
 
 # ---- imports that must work without trl / datasets -----------------------------------------------------------------
@@ -381,23 +392,7 @@ def loss_variant(variant: str, batch: int, seq: int, vocab: int, repeats: int, d
     student = (2 * torch.randn(shape, generator=g, device=device)).to(torch.bfloat16).requires_grad_(True)
     teacher = (2 * torch.randn(shape, generator=g, device=device)).to(torch.bfloat16)
     mask = torch.ones(shape[:2], dtype=torch.bool, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        before = rss_mb()
-    loss = fn(student, teacher, mask)
-    loss.backward()
-    _sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        meter = "torch.cuda.max_memory_allocated"
-    else:
-        peak = peak_rss_mb()
-        meter = "peak RSS of a fresh process"
-    value = float(loss.detach())
+    extra, value, meter = _first_backward(lambda: fn(student, teacher, mask), device)
 
     def again() -> None:
         student.grad = None
@@ -406,12 +401,41 @@ def loss_variant(variant: str, batch: int, seq: int, vocab: int, repeats: int, d
     seconds, _ = _median_step(again, 0, repeats, device)
     return {
         "variant": variant,
-        "extra_peak_mb": peak - before,
+        "extra_peak_mb": extra,
         "inputs_mb": 2 * student.numel() * student.element_size() / 2**20,
         "time_s": seconds,
         "loss": value,
         "meter": meter,
     }
+
+
+def _first_backward(loss_fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, float, str]:
+    """One forward + backward: (extra peak MiB over the memory in use before it, loss value, the meter used)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = rss_mb()
+    loss = loss_fn()
+    loss.backward()
+    _sync(device)
+    if device.type == "cuda":
+        peak, meter = torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    else:
+        peak, meter = peak_rss_mb(), "peak RSS of a fresh process"
+    return peak - before, float(loss.detach()), meter
+
+
+def _cpu_worker(flag: str, args: tuple, timeout: float) -> dict[str, Any]:
+    """One variant in a fresh process (`python -m bench.gpu_check FLAG ARGS`), so its peak RSS is its own."""
+    command = [sys.executable, "-m", "bench.gpu_check", flag, json.dumps(args)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{flag} {args[0]} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def loss_memory(sizes: Sizes, device: torch.device) -> dict[str, Any]:
@@ -422,18 +446,121 @@ def loss_memory(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         if device.type == "cuda":
             rows.append(loss_variant(*args, device))
             continue
-        command = [sys.executable, "-m", "bench.gpu_check", "--loss-worker", json.dumps(args)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"loss worker {variant} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(_cpu_worker("--loss-worker", args, 120))
     naive = rows[0]
     for row in rows:
         row["mem_vs_naive"] = row["extra_peak_mb"] / naive["extra_peak_mb"] if naive["extra_peak_mb"] > 0 else None
         row["time_vs_naive"] = row["time_s"] / naive["time_s"]
         row["loss_abs_diff_vs_naive"] = abs(row["loss"] - naive["loss"])
     return {"rows": rows, "batch": sizes.loss_batch, "seq": sizes.loss_seq, "vocab": sizes.loss_vocab}
+
+
+# ---- (d) fused losses from hidden states ---------------------------------------------------------------------------
+
+
+def _fused_fn(variant: str) -> Callable[..., torch.Tensor]:
+    """The JSD of `variant` from (student hidden [T, H], student weight [V, H], teacher hidden, teacher weight).
+    Raises ImportError when the variant's package is not installed (the row is then skipped)."""
+    if variant == "trl_chunked":
+        try:
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss
+        except ImportError:  # the trainer module needs datasets: the kernel alone is enough
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            def _chunked_divergence_loss(hs, ht, ws, wt, mask, beta):
+                values, _ = ChunkedDivergenceFunction.apply(hs[0], ws, None, ht[0], wt, None, beta)
+                return values.sum() / hs.shape[1], None, None
+
+        return lambda hs, ws, ht, wt: _chunked_divergence_loss(hs, ht, ws, wt, _ones(hs), FUSED_BETA)[0]
+    if variant == "liger_fused_jsd":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=FUSED_BETA)
+        return lambda hs, ws, ht, wt: liger(hs[0], ws, ht[0], wt)
+    losses, _ = import_isolated("align_distill.losses")
+    if variant in ("fused", "fused_gpu_tiles"):
+        tiles = GPU_TILES if variant == "fused_gpu_tiles" else {}
+        return lambda hs, ws, ht, wt: losses.fused_kd_loss(hs, ws, ht, wt, _ones(hs), "jsd", beta=FUSED_BETA, **tiles)
+
+    def logits_loss(hs, ws, ht, wt):
+        with torch.no_grad():
+            teacher = ht @ wt.T
+        student = hs @ ws.T
+        if variant == "logits_path":
+            return losses.kd_loss(student, teacher, _ones(hs), "jsd", beta=FUSED_BETA)
+        return losses.token_divergence(student.float(), teacher.float(), "jsd", beta=FUSED_BETA).mean()
+
+    if variant != "naive" and variant != "logits_path":
+        raise ValueError(f"unknown fused-loss variant {variant!r}")
+    return logits_loss
+
+
+def _importable(package: str) -> bool:
+    """Whether `package` can be imported here, without importing it (a None entry in sys.modules blocks it)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def _ones(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+
+
+def fused_variant(variant: str, seq: int, hidden: int, vocab: int, repeats: int, device: torch.device) -> dict:
+    """Extra peak memory (MiB over the inputs), gradient size and median time of one forward + backward."""
+    try:
+        fn = _fused_fn(variant)
+    except ImportError as error:
+        return {"variant": variant, "skipped": f"not importable: {error}"}
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def tensor(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(shape, generator=g, device=device)).to(torch.bfloat16)
+
+    hs, ht = tensor(1, seq, hidden).requires_grad_(True), tensor(1, seq, hidden)
+    scale = 4 * hidden**-0.5  # logits of std ~4: peaked distributions like a trained head's
+    ws, wt = tensor(vocab, hidden, scale=scale).requires_grad_(True), tensor(vocab, hidden, scale=scale)
+    extra, value, meter = _first_backward(lambda: fn(hs, ws, ht, wt), device)
+
+    def again() -> None:
+        hs.grad = ws.grad = None
+        fn(hs, ws, ht, wt).backward()
+
+    seconds, _ = _median_step(again, 0, repeats, device)
+    return {
+        "variant": variant,
+        "extra_peak_mb": extra,
+        "input_grads_mb": (hs.numel() + ws.numel()) * hs.element_size() / 2**20,
+        "time_s": seconds,
+        "loss": value,
+        "meter": meter,
+    }
+
+
+def fused_losses(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """Every variant on the same inputs (on CPU each in its own process, as `loss_memory`); ratios vs TRL's row."""
+    rows = []
+    packages = {"trl_chunked": "trl", "liger_fused_jsd": "liger_kernel"}
+    for variant in FUSED_VARIANTS:
+        if variant in packages and not _importable(packages[variant]):
+            rows.append({"variant": variant, "skipped": f"{packages[variant]} is not installed"})
+            continue
+        args = (variant, sizes.loss_seq, sizes.student.hidden, sizes.loss_vocab, sizes.loss_repeats)
+        if device.type == "cuda":
+            rows.append(fused_variant(*args, device))
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        rows.append(_cpu_worker("--fused-worker", args, 300))
+    trl = next((r for r in rows if r["variant"] == "trl_chunked" and "skipped" not in r), None)
+    for row in rows:
+        if "skipped" in row:
+            continue
+        row["mem_vs_input_grads"] = row["extra_peak_mb"] / row["input_grads_mb"]
+        if trl is not None:
+            row["mem_vs_trl"] = row["extra_peak_mb"] / trl["extra_peak_mb"] if trl["extra_peak_mb"] > 0 else None
+            row["time_vs_trl"] = row["time_s"] / trl["time_s"]
+    return {"rows": rows, "seq": sizes.loss_seq, "hidden": sizes.student.hidden, "vocab": sizes.loss_vocab}
 
 
 # ---- (c) generation ------------------------------------------------------------------------------------------------
@@ -586,6 +713,20 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"    backend import: {c['backend_import']}")
         if "backend_same_tokens_fraction" in c:
             out.append(f"    rows where backend tokens == raw tokens: {c['backend_same_tokens_fraction']:.0%}")
+    d = report.get("fused_losses")
+    if d and "rows" in d:
+        out.append(
+            table(
+                f"\n(d) fused losses: JSD β={FUSED_BETA} from bf16 hidden states T={d['seq']} H={d['hidden']}, "
+                f"V={d['vocab']}, forward+backward",
+                [r for r in d["rows"] if "skipped" not in r],
+                ["variant", "extra_peak_mb", "input_grads_mb", "mem_vs_input_grads", "mem_vs_trl", "time_s",
+                 "time_vs_trl", "loss"],
+            )
+        )
+        for row in d["rows"]:
+            if "skipped" in row:
+                out.append(f"    {row['variant']}: skipped ({row['skipped']})")
     for name, error in report.get("errors", {}).items():
         out.append(f"\n!! {name} FAILED: {error.strip().splitlines()[-1]}")
     return "\n".join(out)
@@ -619,10 +760,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="distill-step sequence length (default 1024)")
     parser.add_argument("--grad-ckpt", action="store_true", help="student gradient checkpointing from the start")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: from the card name)")
-    parser.add_argument("--sections", default="distill_step,loss_memory,generation")
+    parser.add_argument("--sections", default="distill_step,loss_memory,generation,fused_losses")
     parser.add_argument("--json", type=Path, help="JSON output (default: $OUT/gpu_check.json when $OUT is set)")
     parser.add_argument("--loss-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--fused-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.fused_worker:  # CPU memory measurement in a fresh process (see fused_losses)
+        print(json.dumps(fused_variant(*json.loads(args.fused_worker), torch.device("cpu"))))
+        return 0
 
     if args.loss_worker:  # CPU memory measurement in a fresh process (see loss_memory)
         print(json.dumps(loss_variant(*json.loads(args.loss_worker), torch.device("cpu"))))
@@ -650,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill_step": lambda: distill_step(sizes, device, peak, args.grad_ckpt),
         "loss_memory": lambda: loss_memory(sizes, device),
         "generation": lambda: generation(sizes, device),
+        "fused_losses": lambda: fused_losses(sizes, device),
     }
     for name in args.sections.split(","):
         t0 = time.perf_counter()

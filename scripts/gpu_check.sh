@@ -7,7 +7,9 @@
 #
 # Prints the environment (date, nvidia-smi, torch/transformers versions), then bench/gpu_check.py's tables:
 # (a) distill-step tokens/s and MFU (sft / live teacher / cached top-k), (b) kd_loss vs naive KL peak memory,
-# (c) generation tokens/s (raw generate vs align-distill's transformers backend). JSON goes to $OUT/gpu_check.json
+# (c) generation tokens/s (raw generate vs align-distill's transformers backend), (d) fused LM-head JSD from hidden
+# states: fused_kd_loss vs the logits path vs naive, and TRL's _chunked_divergence_loss / Liger's LigerFusedLinearJSD
+# when trl / liger-kernel are importable (else the row says skipped). JSON goes to $OUT/gpu_check.json
 # when OUT is set (or --json PATH). The whole run is capped at 480 s (exit 124 when the cap is hit; the JSON
 # keeps every section that finished).
 # Environment: PYTHON (python), GPU_CHECK_TIMEOUT (480).
@@ -30,7 +32,7 @@ import importlib.util
 import torch, transformers
 print(f"python torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
       f"transformers {transformers.__version__}, cuda available: {torch.cuda.is_available()}")
-for name in ("accelerate", "peft", "trl", "datasets", "pyarrow"):
+for name in ("accelerate", "peft", "trl", "liger_kernel", "datasets", "pyarrow"):
     print(f"  {name}: {'installed' if importlib.util.find_spec(name) else 'not installed'}")
 PY
 

@@ -221,5 +221,85 @@ def main(spec_path: str) -> int:
     return 0  # failures are in the result files, where the test reads them per method
 
 
+def fused_zero3(out: str) -> int:
+    """`fused_kd_loss` on a ZeRO-3 student (2 gloo ranks, half the batch each): the LM head gathered once per step
+    by `gathered_head`, the loss and the full gradients written to `<out>/rank<R>.json` beside a one-process
+    reference on the whole batch (same seed on every rank), for `test_fused_loss_under_zero3`."""
+    import deepspeed
+    import torch
+    from accelerate import PartialState
+
+    from align_distill.distributed import gathered_head
+    from align_distill.losses import fused_kd_loss
+
+    state = PartialState(backend="gloo")
+    assert state.num_processes == 2, state.num_processes
+    vocab, hidden, batch, steps = 40, 8, 4, 2
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (steps, batch, 6), generator=g)
+    teacher_hidden, teacher_weight = torch.randn(steps, batch, 6, 5, generator=g), torch.randn(vocab, 5, generator=g)
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+
+    class Student(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, hidden)
+            self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.embed(ids))  # the head is applied by the loss, from these hidden states
+
+    def build() -> Student:
+        torch.manual_seed(1)
+        return Student()
+
+    reference = build()
+    config = {
+        "train_micro_batch_size_per_gpu": batch // 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
+    student = build()
+    engine, *_ = deepspeed.initialize(
+        model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.5), config=config
+    )
+    weight = engine.module.head.weight
+    gathers = []
+    original_all_gather = weight.all_gather
+    weight.all_gather = lambda *a, **k: gathers.append(1) or original_all_gather(*a, **k)
+    rank, rows = state.process_index, slice(state.process_index * batch // 2, (state.process_index + 1) * batch // 2)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    results: list[dict[str, Any]] = []
+    for step in range(steps):
+        with gathered_head(weight):  # whole while the loss runs and while its gradient reaches the weight
+            loss = fused_kd_loss(
+                engine(tokens[step, rows]), weight, teacher_hidden[step, rows], teacher_weight, mask[rows],
+                "jsd", vocab_tile=16, row_chunk=5,
+            )
+            engine.backward(loss)
+        head_grad = deepspeed.utils.safe_get_full_grad(weight)
+        embed_grad = deepspeed.utils.safe_get_full_grad(engine.module.embed.weight)
+        engine.step()
+        reference_optimizer.zero_grad()
+        full = fused_kd_loss(reference(tokens[step]), reference.head.weight, teacher_hidden[step], teacher_weight,
+                             mask, "jsd")
+        full.backward()
+        reference_optimizer.step()
+        losses = [torch.zeros(()) for _ in range(2)]
+        torch.distributed.all_gather(losses, loss.detach().float())
+        results.append({
+            "loss_mean": float(sum(losses) / 2),
+            "reference_loss": full.item(),
+            "head_grad_diff": float((head_grad - reference.head.weight.grad).abs().max()),
+            "embed_grad_diff": float((embed_grad - reference.embed.weight.grad).abs().max()),
+            "head_grad_norm": float(head_grad.norm()),
+        })
+    report = {"num_processes": state.num_processes, "gathers": len(gathers), "steps": results}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--fused-zero3":
+        sys.exit(fused_zero3(sys.argv[2]))
     sys.exit(main(sys.argv[1]))

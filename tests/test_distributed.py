@@ -325,6 +325,26 @@ def test_two_processes_match_one(distributed, reference, method):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_fused_loss_under_zero3(deepspeed_ops, tmp_path):
+    """`fused_kd_loss` with a ZeRO-3-partitioned LM head on 2 gloo ranks (half the batch each), the head gathered
+    once per step by `distributed.gathered_head`: loss, full head and embedding gradients and the second step
+    (after an optimizer step) match one process on the whole batch (`distributed_worker.fused_zero3`)."""
+    worker = str(REPO / "tests" / "distributed_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+               str(free_port()), worker, "--fused-zero3", str(tmp_path)]
+    run(command, tmp_path / "launch.log", timeout=300)
+    for rank in range(WORLD):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["num_processes"] == WORLD
+        assert report["gathers"] == len(report["steps"]) == 2  # one all-gather of the head per step, not per tile
+        for step in report["steps"]:
+            assert step["head_grad_norm"] > 0
+            assert math.isclose(step["loss_mean"], step["reference_loss"], rel_tol=RTOL, abs_tol=ATOL)
+            assert step["head_grad_diff"] < ATOL and step["embed_grad_diff"] < ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_offload_config_trains_on_two_processes(spec, deepspeed_ops, tmp_path):
     """The shipped align_distill/configs/deepspeed/zero3_offload.json trains SFT on two processes: ZeRO-3 with the
     optimizer

@@ -27,6 +27,14 @@ _EXPORTS = {
     "moe_balancing_loss": "moe",
     # CycleAlign (docs/methods/cyclealign.md)
     "pro_loss": "ranking",
+    # speculative decoding: the draft's acceptance rate (docs/methods/speculative.md)
+    "acceptance_rate": "acceptance",
+    "topk_acceptance_bounds": "acceptance",
+    # fused LM-head forms: from hidden states and head weights, no [B, T, V] logits (docs/performance.md)
+    "fused_kd_loss": "fused",
+    "fused_topk_kd_loss": "fused",
+    "fused_adpa_loss": "fused",
+    "fused_aligndistil_loss": "fused",
     # shared helpers
     "masked_mean": "reduction",
     "sequence_logps": "reduction",

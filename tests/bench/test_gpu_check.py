@@ -69,6 +69,18 @@ def check_report(report: dict[str, Any], cuda: bool) -> None:
         assert row["new_tokens"] == c["batch"] * c["new_tokens"]  # no EOS: every row runs to full length
     assert _finite(c["backend_same_tokens_fraction"])
 
+    d = report["fused_losses"]
+    names = ["naive", "logits_path", "fused", "fused_gpu_tiles", "trl_chunked", "liger_fused_jsd"]
+    assert [row["variant"] for row in d["rows"]] == names
+    measured = {row["variant"]: row for row in d["rows"] if "skipped" not in row}
+    assert {"naive", "logits_path", "fused", "fused_gpu_tiles"} <= set(measured)
+    for row in measured.values():
+        for key in ["extra_peak_mb", "input_grads_mb", "mem_vs_input_grads", "time_s", "loss"]:
+            assert _finite(row[key]) and row[key] > 0, (row["variant"], key, row[key])
+        assert abs(row["loss"] - measured["naive"]["loss"]) < 2e-2 * measured["naive"]["loss"]  # one JSD, bf16 inputs
+    if "trl_chunked" in measured:
+        assert measured["trl_chunked"]["time_vs_trl"] == 1.0 and _finite(measured["fused"]["mem_vs_trl"])
+
 
 @pytest.mark.slow
 def test_dry_run_without_trl_or_datasets(tmp_path):
@@ -87,8 +99,11 @@ def test_dry_run_without_trl_or_datasets(tmp_path):
     # on a stock image the backend's package __init__ (pyarrow, datasets) is skipped, and the check says so
     assert report["generation"]["backend_import"].startswith("by path, skipping __init__ of align_distill.data_gen")
     assert report["distill_step"]["losses_import"] == "package import"
-    for header in ["(a) distill step", "(b) loss forward+backward", "(c) generation", "MFU = 6 * N_student"]:
+    for header in ["(a) distill step", "(b) loss forward+backward", "(c) generation", "MFU = 6 * N_student",
+                   "(d) fused losses"]:
         assert header in done.stdout
+    # no trl on a stock image: its row says so instead of failing the section
+    assert report["fused_losses"]["rows"][4] == {"variant": "trl_chunked", "skipped": "trl is not installed"}
     assert "FAILED" not in done.stdout
 
 

@@ -56,10 +56,14 @@ def run_store_job(
     order_by: tuple[str, ...] = (INPUT_INDEX,),
     count_tokens: Callable[[list[dict[str, Any]]], int] = lambda rows: 0,
     failed_column: str | None = None,
+    prepare: Callable[[list[int], list[dict[str, Any]]], Any] | None = None,
 ) -> Path:
     """Run `process` over this part's pending inputs (and, with the config's `retry_failed`, its failed ones) and
     commit the rows; returns the store folder. `failed_column`: the column that marks a failed row (see the module
-    docstring); the number of failed rows is logged at the end (`store_summary` reads it from the manifests)."""
+    docstring); the number of failed rows is logged at the end (`store_summary` reads it from the manifests).
+    `prepare(positions, rows)`: CPU work of a shard that needs no model (e.g. tokenization), run one shard ahead in
+    a thread while the previous shard is processed; `process` then gets its result instead of the rows. It only
+    reads, so commits, their order and the exactly-once guarantee are unchanged; its errors surface in order."""
     fingerprint = {
         "job": kind,
         **fingerprint,
@@ -96,6 +100,7 @@ def run_store_job(
         # order and at most one is in flight, so a crash loses at most the shards not yet committed.
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prepare") as preparer,
             tqdm(
                 total=len(retry) + len(pending),
                 desc=kind,
@@ -110,8 +115,16 @@ def run_store_job(
                 for commit, todo in work
                 for i in range(0, len(todo), config.shard_size)
             ]
-            for commit, chunk in chunks:
-                rows = process(chunk, inputs.select(chunk).to_list())
+
+            def read(chunk: list[int]) -> Any:
+                rows = inputs.select(chunk).to_list()
+                return rows if prepare is None else prepare(chunk, rows)
+
+            ahead = preparer.submit(read, chunks[0][1]) if chunks else None
+            for i, (commit, chunk) in enumerate(chunks):
+                current = ahead.result()
+                ahead = preparer.submit(read, chunks[i + 1][1]) if i + 1 < len(chunks) else None
+                rows = process(chunk, current)
                 if in_flight is not None:
                     in_flight.result()  # re-raises a failed commit before more work is queued
                 in_flight = writer.submit(commit, rows, chunk, column_types)

@@ -162,8 +162,12 @@ def _run(
             for key in ("topk_logprobs", "rest_logmass", "token_logprobs"):
                 types[names[key]] = pa.list_(pa.float16())
 
-    def process(positions: list[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        tokenized = tokenize_rows(tokenizer, rows, responses, config.input, [p + 1 for p in positions])
+    def prepare(positions: list[int], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list]:
+        """Tokenization: one shard ahead of the teacher forwards, in the runner's prepare thread."""
+        return rows, tokenize_rows(tokenizer, rows, responses, config.input, [p + 1 for p in positions])
+
+    def process(positions: list[int], prepared: tuple[list[dict[str, Any]], list]) -> list[dict[str, Any]]:
+        rows, tokenized = prepared
         flat_prompts = [p for p, rs in tokenized for _ in rs]
         flat_responses = [r for _, rs in tokenized for r in rs]
         scores: dict[str, list[TokenScores]] = {}
@@ -217,4 +221,5 @@ def _run(
         column_types=column_types,
         metadata=metadata,
         count_tokens=lambda rows: sum(len(r[f"{resp}_ids"]) for r in rows for resp in responses),
+        prepare=prepare,
     )

@@ -274,3 +274,36 @@ def test_progress_bar_defers_to_tqdm_off_a_terminal_and_lock_kind_is_a_job_key()
     assert progress_disabled(False, [1]) is True and progress_disabled(True, []) is True
     config = build_config(SampleConfig, {"input": "x", "output_dir": "y", "model": "m", "lock_kind": "soft"}, "job")
     assert config.lock_kind == "soft"
+
+
+def test_runner_prepares_one_shard_ahead_and_a_failed_prepare_commits_nothing_after(tmp_path):
+    """`run_store_job(prepare=...)` (the signals job's tokenization): `process` gets each shard's prepared rows in
+    input order; a `prepare` that fails on shard 3 stops the job after shards 1-2 are committed, and the rerun
+    resumes at shard 3 exactly once."""
+    import datasets
+
+    from align_distill.data_gen.config import JobConfig
+    from align_distill.data_gen.jobs.runner import run_store_job
+
+    inputs = datasets.Dataset.from_list([{"id": f"r{i}", "x": i} for i in range(10)])
+    config = JobConfig(input="memory", output_dir=str(tmp_path / "store"), shard_size=3, progress=False)
+    seen: list[list[int]] = []
+    fail_at = {6}
+
+    def prepare(positions, rows):
+        if fail_at & set(positions):
+            raise ValueError(f"bad row {sorted(fail_at & set(positions))}")
+        return [{**row, "doubled": 2 * row["x"]} for row in rows]
+
+    def process(positions, prepared):
+        seen.append(positions)
+        return [{"id": r["id"], "input_index": p, "y": r["doubled"]} for p, r in zip(positions, prepared)]
+
+    with pytest.raises(ValueError, match=r"bad row \[6\]"):
+        run_store_job("test", config, inputs, {}, process, prepare=prepare)
+    assert seen == [[0, 1, 2], [3, 4, 5]]
+    fail_at.clear()
+    run_store_job("test", config, inputs, {}, process, prepare=prepare)
+    assert seen[2:] == [[6, 7, 8], [9]]
+    stored = load_store(tmp_path / "store")
+    assert sorted(stored["input_index"]) == list(range(10)) and stored["y"] == [2 * i for i in stored["input_index"]]

@@ -1,0 +1,124 @@
+"""Benchmark: where the `signals` job's time goes, against a raw teacher forward over the same tokens.
+
+For each model (`tiny`: the tiny teacher; `small`: hidden 512, 8 layers, same tokenizer; `bench.common`), on the
+rows of `bench/generation.py`'s signals benchmark (preference rows, batch 16, k = 50, shards of 64 rows):
+- the job's and the raw forward's response tokens/s and their ratio (`bench.generation.bench_signals`, the
+  measurement behind the 0.69× of `bench/generation.json`);
+- a breakdown of one job run (`REPEATS` runs averaged, models loaded once), by wall time inside: the teacher's
+  forward (`model`), the backend's scoring around it (`score_other`: padding, log_softmax, top-k, conversion of
+  the results to Python lists), the job's encoding of the rows for the store (`encode`: fp16 and id packing), and
+  the rest of the main thread's time (`other`: input loading, fingerprints, manifest, the first shard's
+  tokenization and the last shard's write, waits); in other threads, overlapped with the forwards: the
+  tokenization (`tokenize`, one shard ahead) and the store's shard writes (`store_append`).
+
+Run: `flock /tmp/align-distill-bench.lock python -m bench.signals_throughput --json bench/signals_throughput.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import generation_models
+
+REPEATS = 5
+
+
+def breakdown(path: Path, folder: Path, rows_n: int, batch_size: int, k: int) -> dict[str, float]:
+    """Seconds per job run by part (see the module docstring), from timers around the parts."""
+    from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+    from align_distill.data_gen.jobs import run_signals, signals, teacher_signals
+    from align_distill.data_gen.store import ShardedStore
+    from align_distill.synthetic import preference_rows
+
+    source = folder / f"breakdown-{path.name}.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(rows_n, 11)))
+    teacher = TransformersGenerator(str(path), batch_size=batch_size, dtype="float32", device="cpu")
+    spent: collections.Counter[str] = collections.Counter()
+
+    def timed(owner: Any, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - started
+
+        setattr(owner, name, wrapper)
+
+    timed(signals, "tokenize_rows", "tokenize")
+    timed(signals, "fp16", "encode")
+    timed(teacher_signals.SignalsEncoding, "encode_ids", "encode")
+    timed(teacher, "score", "score")
+    timed(teacher.model, "forward", "model")
+    timed(ShardedStore, "append", "store_append")
+    config = {
+        "input": str(source),
+        "signals_top_k": k,
+        "shard_size": 64,
+        "progress": False,
+        "teachers": [{"name": "teacher", "model": str(path), "backend_kwargs": {"batch_size": batch_size}}],
+    }
+    runs = iter(range(10**6))
+
+    def job() -> None:
+        out = folder / f"breakdown-{path.name}-{next(runs)}"  # one fresh store per run and model
+        run_signals({**config, "output_dir": str(out)}, generators={"teacher": teacher})
+
+    job()  # warm-up
+    spent.clear()
+    started = time.perf_counter()
+    for _ in range(REPEATS):
+        job()
+    total = (time.perf_counter() - started) / REPEATS
+    parts = {key: value / REPEATS for key, value in spent.items()}
+    parts["score_other"] = parts.pop("score") - parts["model"]
+    inside = parts["model"] + parts["score_other"] + parts["encode"]  # the main thread's measured parts
+    return {
+        "job_s": total,
+        **{f"{key}_s": value for key, value in parts.items()},
+        "other_s": total - inside,
+        **{f"{key}_share": value / total for key, value in parts.items()},
+    }
+
+
+def rows(quick: bool = True) -> list[dict]:
+    from bench.generation import bench_signals
+
+    torch.set_num_threads(1)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, path in generation_models(folder, full=not quick).items():
+            measured = bench_signals(name, path, folder, 128, batch_size=16, k=50)[0]
+            out.append({**measured, **breakdown(path, folder, 128, 16, 50), "threads": 1})
+    return out
+
+
+def run(quick: bool = True) -> list[dict]:
+    return rows(quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the tiny model only")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = rows(args.quick)
+    for row in result:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
