@@ -75,6 +75,13 @@ LABELS = {
     "trl_forward_kl": "TRL DistillationTrainer forward KL",
     "trl_jsd": "TRL DistillationTrainer JSD (β 0.5)",
     "trl_reverse_kl": "TRL DistillationTrainer reverse KL",
+    # speculative decoding drafts (bench/speculative.py)
+    "draft_base": "draft before distillation (SFT student)",
+    "sft_target": "SFT on target samples",
+    "kd_tvd": "kd TVD",
+    "kd_tvdpp": "kd TVD++",
+    "kd_forward_kl_target": "kd forward KL on target samples",
+    "kd_tvdpp_target": "kd TVD++ on target samples (Goel et al.)",
 }
 METRICS = ("reward", "capability", "preference")
 BLOCKS = ("quickstart-table", "headline")
@@ -283,7 +290,7 @@ def headline_block(records: dict[str, dict]) -> list[str]:
     ]
 
 
-def render_results_page(records: dict[str, dict], quickstart: dict) -> str:
+def render_results_page(records: dict[str, dict], quickstart: dict, speculative: dict | None = None) -> str:
     first = records[FAMILIES[0]]
     lines = [
         "# Results",
@@ -302,6 +309,8 @@ def render_results_page(records: dict[str, dict], quickstart: dict) -> str:
     ]
     for family in FAMILIES:
         lines += family_section(records[family])
+    if speculative is not None:
+        lines += speculative_section(speculative)
     lines += [
         "## The quickstart's one-seed table",
         "",
@@ -322,6 +331,76 @@ def render_results_page(records: dict[str, dict], quickstart: dict) -> str:
     return "\n".join(lines)
 
 
+def speculative_section(record: dict) -> list[str]:
+    """Draft models for speculative decoding (bench/speculative.py): α and block efficiency per draft, and the paired
+    comparisons of α on target text."""
+    summary = record["summary"]
+    lines = [
+        "## Speculative decoding: draft distillation (DistillSpec, Goel et al.)",
+        "",
+        f"File: [bench/reproductions/speculative.json](../bench/reproductions/speculative.json) (command: "
+        f"`{record['command']}`, {len(record['seeds'])} seeds). Target: each seed's aligned "
+        "tiny teacher; drafts: the smaller tiny student after SFT, then each distillation recipe for the same "
+        "optimizer steps. α = Σ min(p, q) averaged over the tokens of the target's samples for the seed's test "
+        "prompts (target text) and of the draft's own samples (draft text); block efficiency (1 − α^(γ+1)) / (1 − α) "
+        "at γ = 4 from α on target text; the reference sampler's measured acceptance and tokens per target call at "
+        "γ = 4 (no KV cache, tiny models: its wall-clock speed-up says little about serving). "
+        "Method and formulas: [docs/methods/speculative.md](methods/speculative.md).",
+        "",
+        "| draft | α target text | α draft text | block efficiency γ=4 | sampler α | sampler tokens/call | "
+        "sampler speed-up |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, row in summary.items():
+        lines.append(
+            f"| {label(method)} | {row['alpha_target_text']:.3f} ± {row['alpha_target_text_sd']:.3f} | "
+            f"{row['alpha_draft_text']:.3f} ± {row['alpha_draft_text_sd']:.3f} | "
+            f"{row['block_efficiency_gamma4']:.2f} | {row['sampler_acceptance']:.3f} | "
+            f"{row['sampler_block_efficiency']:.2f} | {row['sampler_speedup']:.2f}× |"
+        )
+    lines += [
+        "",
+        "| draft − baseline | α target text Δ [95 % CI] | seeds +/− | α draft text Δ [95 % CI] | what the target-text "
+        "interval supports |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    by_pair = {(c["method"], c["baseline"], c["metric"]): c for c in record["comparisons"]}
+    for method, baseline in dict.fromkeys((c["method"], c["baseline"]) for c in record["comparisons"]):
+        row, own = by_pair[method, baseline, "alpha_target_text"], by_pair[method, baseline, "alpha_draft_text"]
+        verdict = (
+            f"no difference ({label(method)} ≈ {label(baseline)})"
+            if row["verdict"] == "no difference"
+            else f"{label(method)} {row['verdict']}"
+        )
+        lines.append(
+            f"| {label(method)} − {label(baseline)} | {_interval(row)} | {row['positive']}/{row['negative']} of "
+            f"{row['seeds']} | {_interval(own)} | {verdict} |"
+        )
+    if record.get("smollm2"):
+        lines += smollm2_table(record["smollm2"])
+    return [*lines, ""]
+
+
+def smollm2_table(record: dict) -> list[str]:
+    """One seed on a real target: α per draft and the block efficiency at γ = 4 (no interval: one seed)."""
+    lines = [
+        "",
+        f"SmolLM2 as the target (one seed): {record['target']}; draft: {record['draft']}; each method "
+        f"{record['steps']['method']} optimizer steps from it; α on the target's samples for "
+        f"{record['eval']['prompts']} held-out prompts of examples/smollm2.",
+        "",
+        "| draft | α target text | α draft text | block efficiency γ=4 | sampler α | sampler tokens/call |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in record["runs"]:
+        lines.append(
+            f"| {label(row['method'])} | {row['alpha_target_text']:.3f} | {row['alpha_draft_text']:.3f} | "
+            f"{row['block_efficiency']['4']:.2f} | {row['sampler']['acceptance']:.3f} | "
+            f"{row['sampler']['block_efficiency']:.2f} |"
+        )
+    return lines
+
+
 def replace_block(text: str, name: str, body: list[str], where: str) -> str:
     begin, end = f"<!-- BEGIN {name}: rendered by python -m bench.render_results -->", f"<!-- END {name} -->"
     if begin not in text or end not in text:
@@ -338,7 +417,8 @@ def render_all() -> dict[Path, str]:
     readme = README.read_text()
     readme = replace_block(readme, "quickstart-table", quickstart_block(quickstart), "README.md")
     readme = replace_block(readme, "headline", headline_block(records), "README.md")
-    return {RESULTS_MD: render_results_page(records, quickstart), README: readme}
+    speculative = load("speculative") if (DATA / "speculative.json").exists() else None
+    return {RESULTS_MD: render_results_page(records, quickstart, speculative), README: readme}
 
 
 def main(argv: list[str] | None = None) -> int:

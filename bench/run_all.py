@@ -23,8 +23,20 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("loss_kernels", "distill_step", "aligndistil_step", "generation", "generation_vllm")
+BENCHMARKS = (
+    "loss_kernels",
+    "distill_step",
+    "aligndistil_step",
+    "generation",
+    "generation_vllm",
+    "fused_losses",
+    "signals_throughput",
+)
 OUT = Path(__file__).parent
+# Benchmarks whose JSON is `{config, versions, rows}` (what their own `--json` writes); the others' is the row list.
+ENVELOPED = ("fused_losses", "signals_throughput")
+# Benchmarks that draw their own PNG with `plot(name, rows)` (fused_losses keeps only its ratios vs TRL).
+OWN_PLOT = ("fused_losses",)
 
 
 # Keys that name what a row measured (not what it measured): tick labels use those whose values differ between the
@@ -152,6 +164,34 @@ def plot(name: str, rows: list[dict]) -> Path | None:
     return path
 
 
+def rows_of(data: list[dict] | dict) -> list[dict]:
+    """The rows of a benchmark JSON: the list itself, or the `rows` of a `{config, versions, rows}` document."""
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def draw(name: str, rows: list[dict]) -> Path | None:
+    """`bench/<name>.png` by the benchmark's own `plot` (`OWN_PLOT`) or by `plot`; `None` when nothing is drawn."""
+    if name not in OWN_PLOT:
+        return plot(name, rows)
+    importlib.import_module(f"bench.{name}").plot(name, rows)
+    path = OUT / f"{name}.png"
+    return path if path.exists() else None
+
+
+def document(name: str, rows: list[dict], full: bool) -> list[dict] | dict:
+    """What `bench/<name>.json` holds after a run: the rows, or for `ENVELOPED` benchmarks the rows with the
+    run's sizes and the library versions."""
+    if name not in ENVELOPED:
+        return rows
+    from bench.fused_losses import _versions
+
+    return {
+        "config": {"sizes": "full" if full else "quick", "via": "bench.run_all"},
+        "versions": _versions(),
+        "rows": rows,
+    }
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -178,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         for name in args.only:
             if (OUT / f"{name}.json").exists():
-                print(f"wrote {plot(name, json.loads((OUT / f'{name}.json').read_text()))}")
+                print(f"wrote {draw(name, rows_of(json.loads((OUT / f'{name}.json').read_text())))}")
         return 0
     sections = [
         "# Benchmark results",
@@ -198,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             sections += ["", f"## {name}", "", "```", traceback.format_exc(limit=3), "```"]
             continue
         sections += ["", f"## {name}", "", f"({time.time() - started:.0f} s)", "", table(rows)]
-        figure = plot(name, rows)
+        figure = draw(name, rows)
         if figure is not None:
             sections += ["", f"![{name}]({figure.name})"]
-        (OUT / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
+        (OUT / f"{name}.json").write_text(json.dumps(document(name, rows, args.full), indent=2, default=str))
     (OUT / "results.md").write_text("\n".join(sections) + "\n")
     print(f"wrote {OUT / 'results.md'}")
     return 1 if failures else 0

@@ -5,13 +5,14 @@ rows of `bench/generation.py`'s signals benchmark (preference rows, batch 16, k 
 - the job's and the raw forward's response tokens/s and their ratio (`bench.generation.bench_signals`, the
   measurement behind the 0.69× of `bench/generation.json`);
 - a breakdown of one job run (`REPEATS` runs averaged, models loaded once), by wall time inside: the teacher's
-  forward (`model`), the backend's scoring around it (`score_other`: padding, log_softmax, top-k, conversion of
-  the results to Python lists), the job's encoding of the rows for the store (`encode`: fp16 and id packing), and
-  the rest of the main thread's time (`other`: input loading, fingerprints, manifest, the first shard's
+  forward (`model`), the backend's scoring around it (`score_other`: padding, log_softmax, top-k, the rest
+  log-mass, one numpy conversion per batch), the job's encoding of the rows for the store (`encode`: fp16 and id
+  packing), and the rest of the main thread's time (`other`: input loading, fingerprints, manifest, the first shard's
   tokenization and the last shard's write, waits); in other threads, overlapped with the forwards: the
   tokenization (`tokenize`, one shard ahead) and the store's shard writes (`store_append`).
 
-Run: `flock /tmp/align-distill-bench.lock python -m bench.signals_throughput --json bench/signals_throughput.json`.
+Run: `flock /tmp/align-distill-bench.lock python -m bench.signals_throughput --json bench/signals_throughput.json`
+(writes `{config, versions, rows}`).
 """
 
 from __future__ import annotations
@@ -117,7 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     for row in result:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from bench.fused_losses import _versions
+
+        config = {"models": "tiny" if args.quick else "tiny,small", "rows": 128, "batch_size": 16, "top_k": 50}
+        config.update(shard_size=64, repeats=REPEATS)
+        document = {"config": config, "versions": _versions(), "rows": result}
+        Path(args.json).write_text(json.dumps(document, indent=2))
 
 
 if __name__ == "__main__":

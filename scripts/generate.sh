@@ -22,12 +22,17 @@
 # Examples:
 #   NNODES=4 NODE_RANK=$RANK TP=8 scripts/generate.sh rollout adpa/rollout
 #   ENGINES_PER_NODE=4 TP=2 scripts/generate.sh signals align_distill/configs/dckd/signals.yaml   # 4 engines x 2 GPUs
+#   # the teacher on a vLLM server (docs/teachers.md): start it, then compute the signals through it
+#   python -m vllm.entrypoints.openai.api_server --model runs/teacher_dpo --served-model-name teacher \
+#     --port 8000 --max-logprobs 100 &
+#   scripts/generate.sh signals dckd/signals --teachers.0.backend openai --teachers.0.model teacher \
+#     --teachers.0.backend_kwargs '{"base_url": "http://127.0.0.1:8000/v1"}'
 set -euo pipefail
 PYTHON=${PYTHON:-python}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
 if [ $# -lt 2 ]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 JOB=$1

@@ -23,6 +23,11 @@
 # Examples:
 #   NPROC_PER_NODE=8 scripts/train.sh dckd dckd/live --output_dir runs/dckd
 #   NNODES=2 NODE_RANK=$RANK MASTER_ADDR=node0 LAUNCHER=deepspeed scripts/train.sh adpa align_distill/configs/adpa/real.yaml
+#   # the teacher on its own GPU(s) behind vLLM, the student trained against it (docs/teachers.md):
+#   CUDA_VISIBLE_DEVICES=7 python -m vllm.entrypoints.openai.api_server --model runs/teacher_dpo \
+#     --served-model-name teacher --port 8000 --max-logprobs 100 &
+#   CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 NPROC_PER_NODE=7 scripts/train.sh dckd dckd/server \
+#     --teacher_server_url http://127.0.0.1:8000/v1
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)  # the checkout: its configs when align_distill is not importable
 PYTHON=${PYTHON:-python}
@@ -44,7 +49,7 @@ except ConfigError as error:
 }
 
 if [ $# -lt 2 ]; then
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 METHOD=$1

@@ -35,6 +35,7 @@ _EXPORTS = {
     "fused_topk_kd_loss": "fused",
     "fused_adpa_loss": "fused",
     "fused_aligndistil_loss": "fused",
+    "fused_token_nll": "fused",
     # shared helpers
     "masked_mean": "reduction",
     "sequence_logps": "reduction",

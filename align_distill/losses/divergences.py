@@ -14,7 +14,9 @@ from typing import Literal
 
 import torch
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl", "taid"]
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "tvdpp", "akl", "taid"
+]
 
 # The parameters each divergence takes and their defaults (None: required). All of them lie in [0, 1].
 DIVERGENCE_PARAMS: dict[str, dict[str, float | None]] = {
@@ -24,6 +26,7 @@ DIVERGENCE_PARAMS: dict[str, dict[str, float | None]] = {
     "skew_forward_kl": {"alpha": 0.1},
     "skew_reverse_kl": {"alpha": 0.1},
     "tvd": {},
+    "tvdpp": {},  # TVD++ (Goel et al. 2024): value TVD, gradient the reward-normalised policy gradient of TVD
     "akl": {"mu": 0.5},
     "taid": {"taid_t": None},  # scheduled by the trainer (TAID raises t towards 1): no sensible constant default
 }
@@ -104,6 +107,27 @@ def _akl(log_q: torch.Tensor, log_p: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.where(total > 0, mixed, 0.0)
 
 
+def _tvdpp(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """TVD++ (Goel et al. 2024, docs/methods/speculative.md): the value is TVD, the gradient is TVD's policy gradient
+    with the reward normalised over the student's own distribution at each position.
+
+    ∇TVD = −E_{v~q}[r(v)·∇log q(v)] with r(v) = 1{p(v) > q(v)}; TVD++ uses r̃ = (r − μ)/σ, μ = E_q[r],
+    σ² = Var_q[r] = μ(1 − μ) (r is 0/1), so ∇TVD++ = −Σ_v q(v)·r̃(v)·∇log q(v) = ∇TVD / σ per position (the
+    baseline μ cancels in the exact sum over the vocabulary; 1/σ is what changes). σ = 0 (q entirely on one side of
+    p) gives zero gradient, as the TVD gradient is then zero too. The surrogate −Σ q·stopgrad(r̃) is zero at the
+    current q, so its value is replaced by the (detached) TVD: logged losses stay comparable with `tvd`.
+    """
+    p, q = log_p.exp(), log_q.exp()
+    tvd = 0.5 * (p - q).abs().sum(-1)
+    with torch.no_grad():
+        reward = (p > q).to(q.dtype)
+        mean = (q * reward).sum(-1, keepdim=True)
+        std = (mean * (1 - mean)).clamp(min=0).sqrt()
+        normalised = torch.where(std > 0, (reward - mean) / torch.where(std > 0, std, 1.0), 0.0)
+    surrogate = -(q * normalised).sum(-1)
+    return tvd.detach() + (surrogate - surrogate.detach())
+
+
 def divergence_from_logprobs(
     log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, params: Mapping[str, float]
 ) -> torch.Tensor:
@@ -115,7 +139,7 @@ def divergence_from_logprobs(
     - `jsd` (GKD, TRL's generalized JSD): m = (1 − β)·q + β·p, β·KL(p ‖ m) + (1 − β)·KL(q ‖ m), β = 0 → forward,
       β = 1 → reverse KL;
     - `skew_forward_kl` KL(p ‖ α·p + (1 − α)·q), `skew_reverse_kl` KL(q ‖ α·q + (1 − α)·p) (DistiLLM);
-    - `tvd` ½·Σ|p − q|;
+    - `tvd` ½·Σ|p − q|; `tvdpp` the same value with the TVD++ gradient (`_tvdpp`);
     - `akl` adaptive KL (`_akl`);
     - `taid` KL(r ‖ q) with r = softmax((1 − t)·stopgrad(log q) + t·log p) (TAID; the same softmax as on the
       logits, since log-probabilities differ from logits by one constant per row).
@@ -143,6 +167,8 @@ def divergence_from_logprobs(
         return kl(first, _mix(first, second, alpha))
     if divergence == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "tvdpp":
+        return _tvdpp(log_q, log_p)
     if divergence == "akl":
         return _akl(log_q, log_p, params["mu"])
     if divergence == "taid":

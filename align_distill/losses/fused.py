@@ -32,9 +32,7 @@ from .aligndistil import Variant
 from .divergence import compute_dtype
 from .divergences import Divergence, divergence_from_logprobs, divergence_params, finite, kl
 from .reduction import Reduction, masked_mean
-from .topk import Mode, check_topk_signals, topk_bins
-from .topk import _official_rows as topk_official_rows
-from .topk import _paper_rows as topk_paper_rows
+from .topk import Mode, check_topk_signals, topk_rows
 
 # Tile of the vocabulary and rows per chunk: 256 × 2048 float32 = 2 MiB per tile-sized intermediate. At V = 49152,
 # T = 2048, H = 576, fp32 on CPU (the `fused` worker of bench/fused_losses.py), 512 rows × 2048 gave 248 MiB extra
@@ -581,26 +579,6 @@ def fused_adpa_loss(
 adpa_rows = {"paper": adpa_paper_rows, "official": adpa_official_rows}
 
 
-def topk_rows(mode: Mode, divergence: str, resolved: dict[str, float]) -> Callable[..., torch.Tensor]:
-    """The row function `topk_kd_loss` uses for (mode, divergence): DCKD's own forward-KL rows, or the divergence
-    family on the (K+1) bins of `topk_bins`."""
-    if mode not in ("paper", "official"):
-        raise ValueError(f"unknown mode {mode!r}; expected paper or official")
-    if mode == "official" and divergence != "forward_kl":
-        raise ValueError(
-            f"mode 'official' (the official DCKD code's clamped formula) only supports divergence forward_kl, found "
-            f"{divergence!r}; use mode 'paper' for the other divergences"
-        )
-    if divergence == "forward_kl":
-        return topk_paper_rows if mode == "paper" else topk_official_rows
-
-    def divergence_rows(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        log_q, log_p = topk_bins(logits, ids, logprobs)
-        return divergence_from_logprobs(log_q, log_p, divergence, resolved)
-
-    return divergence_rows
-
-
 def fused_aligndistil_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -673,3 +651,35 @@ def fused_aligndistil_loss(
 
     weights = _reduction_weights(mask, reduction, dtype)[mask.bool()] * beta0 / alpha
     return _divergence_passes(student, plan, weights, lse_s, tile_value)
+
+
+def _nll_rows(logits: torch.Tensor, ids: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+    """−ln q(label) per row from the compact row of `_compact_loss` (its log-normaliser is the full row's)."""
+    picked = logits.gather(-1, ids[:, :1].clamp(max=logits.shape[-1] - 1)).squeeze(-1)
+    return logits.logsumexp(-1) - picked
+
+
+def fused_token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    reduction: Reduction = "token_mean",
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_tile: int | None = None,
+    row_chunk: int | None = None,
+) -> torch.Tensor:
+    """`masked_mean(−token_logps(logits, labels), mask, reduction)` (the trainers' SFT term) from hidden states
+    `[B, T, H]` and a head `[V, H]`, without the `[B, T, V]` logits: the one-id case of the top-k passes (the label's
+    logit and the log-sum-exp of the rest, tile by tile; the gradient spread back per tile). Labels must be < V at
+    the counted positions. Optional `bias`, `logit_scale`, `softcap` as `fused_kd_loss`."""
+    transform = {"bias": bias, "scale": logit_scale, "softcap": softcap}
+    ids = labels.long().clamp(min=0).unsqueeze(-1)
+    student, ids, zeros, weights, plan = _student_signals(
+        hidden, weight, ids, torch.zeros(ids.shape, dtype=hidden.dtype, device=hidden.device), mask, "labels,labels",
+        reduction, transform, vocab_tile, row_chunk,
+    )  # fmt: skip
+    return _compact_loss(student, ids, zeros, weights, plan, _nll_rows)

@@ -8,6 +8,7 @@ student's log-normaliser needs its full row, so the work runs through the shared
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -17,6 +18,7 @@ from .divergences import Divergence, divergence_from_logprobs, divergence_params
 from .reduction import Reduction, masked_mean
 
 Mode = Literal["paper", "official"]
+RowFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Official clamps (official code, `load_input_and_target_probs_fast` + DCKD loss): probabilities in
 # [1e-8, 1 - 1e-8], and student probabilities below 1e-7 raised to 1e-7 (DCKD only).
@@ -137,7 +139,15 @@ def topk_kd_loss(
     `masked_mean(…, reduction)` (default: pooled token mean).
     """
     check_topk_signals(student_logits, teacher_ids, teacher_logprobs, mask, "teacher_ids,teacher_logprobs")
-    resolved = divergence_params(divergence, params)
+    rows = topk_rows(mode, divergence, divergence_params(divergence, params))
+    values = chunked_token_map(rows, student_logits, teacher_ids, teacher_logprobs, mask=mask, chunk_size=chunk_size)
+    return masked_mean(values, mask.bool(), reduction)
+
+
+def topk_rows(mode: Mode, divergence: Divergence, resolved: dict[str, float]) -> RowFn:
+    """The row function `(logits [n, V'], ids [n, K], logprobs [n, K]) -> [n]` of (mode, divergence), shared by
+    `topk_kd_loss` and the fused form: DCKD's own forward-KL rows, or the divergence family on the (K+1) bins of
+    `topk_bins` (`resolved`: the divergence's parameters from `divergence_params`)."""
     if mode not in ("paper", "official"):
         raise ValueError(f"unknown mode {mode!r}; expected paper or official")
     if mode == "official" and divergence != "forward_kl":
@@ -145,14 +155,11 @@ def topk_kd_loss(
             f"mode 'official' (the official DCKD code's clamped formula) only supports divergence forward_kl, found "
             f"{divergence!r}; use mode 'paper' for the other divergences"
         )
+    if divergence == "forward_kl":  # DCKD's own rows, unchanged
+        return _paper_rows if mode == "paper" else _official_rows
 
     def divergence_rows(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
         log_q, log_p = topk_bins(logits, ids, logprobs)
         return divergence_from_logprobs(log_q, log_p, divergence, resolved)
 
-    if divergence == "forward_kl":  # DCKD's own rows, unchanged
-        rows = _paper_rows if mode == "paper" else _official_rows
-    else:
-        rows = divergence_rows
-    values = chunked_token_map(rows, student_logits, teacher_ids, teacher_logprobs, mask=mask, chunk_size=chunk_size)
-    return masked_mean(values, mask.bool(), reduction)
+    return divergence_rows

@@ -26,11 +26,12 @@ def main(data_args: DataArguments, training_args: KDConfig, model_args: ModelCon
         model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code, what="model"
     )
     prompt_only = training_args.lmbda == 1.0  # every batch is sampled: the completions would never be read
+    routing = (training_args.teacher_routing_column,) if training_args.teacher_routing_column else ()
     train, evaluation = load_method_dataset(
         data_args,
         "prompt" if prompt_only else DATA_FORMAT,
         tokenizer,
         training_args.max_length,
-        ("id", "prompt") if prompt_only else ("id", "prompt", "completion"),
+        (("id", "prompt") if prompt_only else ("id", "prompt", "completion")) + routing,
     )
     return train_student(KDTrainer, model_args, training_args, tokenizer, train, evaluation)

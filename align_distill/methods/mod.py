@@ -14,6 +14,7 @@ model folder whose config has a `vision_config` is loaded with its processor, an
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,9 +33,15 @@ from align_distill.errors import ConfigError
 from align_distill.models import check_tokenizer_compatibility, load_model, load_tokenizer
 from align_distill.models.moe import moe_parameter_counts, parameter_numel, upcycle_to_moe
 from align_distill.synthetic.visual import load_visual_dataset
+from align_distill.teachers.server import ServerTeacher
 from align_distill.trainers.common import default_precision
 from align_distill.trainers.mod_mimic import MoDMimicConfig, MoDMimicTrainer, moe_routers
-from align_distill.trainers.mod_preference import MoDPreferenceConfig, MoDPreferenceTrainer, teacher_logps_from_signals
+from align_distill.trainers.mod_preference import (
+    MoDPreferenceConfig,
+    MoDPreferenceTrainer,
+    teacher_logps_from_signals,
+    teacher_logps_from_source,
+)
 from align_distill.vocabulary import reject_ignored_fields
 
 from .common import (
@@ -67,6 +74,11 @@ class MoDArguments:
             (`topk_kd_loss`), summed teacher log-probs for pd. Used when no teacher model is given.
         teacher_name (`str`, *optional*):
             Which teacher of the signal cache to use; `None` = its first teacher.
+        teacher_server_url (`str`, *optional*), teacher_server_model (`str`, *optional*),
+        teacher_server_kwargs (`dict`, *optional*), signals_top_k (`int`, defaults to `50`):
+            A text teacher served by vLLM (docs/teachers.md), used when no teacher model is given: its top-k
+            log-probs of every batch for d2d/d2s (`topk_kd_loss`), its summed response log-probs for pd (one pass
+            over the data before training). Base URL, served model name, client settings, ids per position.
         num_experts (`int`, defaults to `4`), num_experts_per_tok (`int`, defaults to `2`),
         moe_every (`int`, defaults to `2`):
             Upcycling in `d2s`: E experts, top-k routing, MoE on layers 0, every, 2·every, …
@@ -91,6 +103,14 @@ class MoDArguments:
     teacher_name: str | None = field(
         default=None, metadata={"help": "Teacher name in the signal cache (None: its first teacher)."}
     )
+    teacher_server_url: str | None = field(
+        default=None, metadata={"help": "A text teacher's vLLM server (used when no teacher model is given)."}
+    )
+    teacher_server_model: str | None = field(default=None, metadata={"help": "Its served model name."})
+    teacher_server_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Client settings (api_key_env, max_concurrency, timeout, max_retries, ...)."}
+    )
+    signals_top_k: int = field(default=50, metadata={"help": "Served teacher: ids per position (d2d/d2s)."})
     num_experts: int = field(default=4, metadata={"help": "Experts per MoE layer (d2s upcycling)."})
     num_experts_per_tok: int = field(default=2, metadata={"help": "Experts per token (d2s upcycling)."})
     moe_every: int = field(default=2, metadata={"help": "MoE on every n-th decoder layer from 0 (d2s upcycling)."})
@@ -257,8 +277,10 @@ def build_trainer(
             "that upcycling creates, routers and projector, which must be saved in full). Train d2d/d2s in full and "
             "use LoRA for the preference stage."
         )
-    if not mod_args.teacher_model_name_or_path and not mod_args.signals_path:
-        raise SystemExit("align-distill train mod: set teacher_model_name_or_path or signals_path")
+    if not (mod_args.teacher_model_name_or_path or mod_args.signals_path or mod_args.teacher_server_url):
+        raise SystemExit(
+            "align-distill train mod: set teacher_model_name_or_path, signals_path or teacher_server_url"
+        )
     student_path = model_args.model_name_or_path
     vision = is_vision_model(student_path)
     trust = training_args.trust_remote_code
@@ -288,21 +310,39 @@ def build_trainer(
                 processing, load_tokenizer(mod_args.teacher_model_name_or_path, trust_remote_code=trust)
             )
 
+    source = None
+    if teacher is None and mod_args.teacher_server_url:
+        if vision:
+            raise SystemExit("align-distill train mod: a served teacher is text only; load the vision teacher")
+        kwargs = mod_args.teacher_server_kwargs
+        source = ServerTeacher(
+            mod_args.teacher_server_url,
+            processing,
+            mod_args.signals_top_k,
+            model=mod_args.teacher_server_model,
+            client_kwargs=json.loads(kwargs) if isinstance(kwargs, str) else kwargs,
+        )
     config = training_args.stage_config(stage)
     if stage != "pd":
         config.teacher_name = mod_args.teacher_name
     common = {"args": config, "train_dataset": train, "eval_dataset": evaluation, "processing_class": processing}
     if stage == "pd":
-        if teacher is None:
+        if source is not None:
+            common["train_dataset"] = teacher_logps_from_source(train, source, processing)
+            if evaluation is not None:
+                common["eval_dataset"] = teacher_logps_from_source(evaluation, source, processing)
+        elif teacher is None:
             signals = load_signals(mod_args.signals_path)
             common["train_dataset"] = teacher_logps_from_signals(train, signals, mod_args.teacher_name)
             if evaluation is not None:
                 common["eval_dataset"] = teacher_logps_from_signals(evaluation, signals, mod_args.teacher_name)
         return MoDPreferenceTrainer(model=student, teacher_model=teacher, peft_config=peft_config, **common)
     signals = None
-    if teacher is None:
+    if teacher is None and source is None:
         signals = load_signals(mod_args.signals_path)
-    return MoDMimicTrainer(model=student, teacher_model=teacher, teacher_signals=signals, **common)
+    return MoDMimicTrainer(
+        model=student, teacher_model=teacher, teacher_signals=signals, teacher_source=source, **common
+    )
 
 
 def main(

@@ -23,11 +23,21 @@ from trl.models.utils import unwrap_model_for_generation
 from align_distill.data.tokens import encode_prompt, encode_prompt_response
 from align_distill.data_gen.backends import SamplingParams
 from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
-from align_distill.losses import adpa_advantages, adpa_loss, masked_mean
+from align_distill.losses import adpa_advantages, masked_mean
 
 from .common import right_padded_batch
 from .signals import BatchSignals, TeacherSignalReader, live_signals
-from .teacher import SignalsCollator, TeacherPairConfig, TeacherPairTrainer, load_teacher
+from .teacher import (
+    SignalsCollator,
+    TeacherPairConfig,
+    TeacherPairTrainer,
+    check_cached_rows,
+    load_teacher,
+    teacher_source,
+)
+
+# the config fields of the reference's cache name, cache path (shared), server URL and served model
+REFERENCE_ROLE = ("reference_name", "signals_path", "reference_server_url", "reference_server_model")
 
 
 @dataclass
@@ -42,7 +52,10 @@ class ADPAConfig(TeacherPairConfig):
             Name of the reference teacher's signals in the cache (`paper` mode: gathered at the DPO teacher's ids;
             `official` mode: its own top-k, for the fallback rule).
         reference_model_name_or_path (`str`, *optional*):
-            The DPO teacher's reference (the SFT teacher), for `teacher_mode="live"`.
+            The DPO teacher's reference (the SFT teacher), for `teacher_mode="model"`.
+        reference_server_url (`str`, *optional*), reference_server_model (`str`, *optional*):
+            The reference's vLLM server, for `teacher_mode="server"` (paper mode reads it at the DPO teacher's ids:
+            its full vocabulary is asked for, so the server needs `--max-logprobs -1`).
 
         > Parameters that control the student responses
 
@@ -51,7 +64,7 @@ class ADPAConfig(TeacherPairConfig):
             `completion_ids`), and the cache's signals are on that response.
         rollout_steps (`int`, *optional*, defaults to `0`):
             0: the responses are fixed (the paper). N > 0: the batches of every N-th optimizer step get fresh
-            responses from the current student (needs `teacher_mode="live"`).
+            responses from the current student (needs `teacher_mode="model"` or `"server"`).
         temperature (`float`, *optional*, defaults to `0.0`):
             Sampling temperature of regenerated responses (0 = greedy, as the initial rollout).
         max_completion_length (`int`, *optional*, defaults to `128`):
@@ -82,6 +95,8 @@ class ADPAConfig(TeacherPairConfig):
         "padding_free": "ADPA's collator pads the chosen and response rows itself",
         "pad_to_multiple_of": "ADPA's collator pads the chosen and response rows itself",
         "dataset_num_proc": "ADPA tokenizes its rows in one process",
+        "teachers": "ADPA's advantage needs one DPO teacher and its own reference, not a mixture",
+        "teacher_routing_column": "ADPA's advantage needs one DPO teacher and its own reference, not a mixture",
     }
     method_label: ClassVar[str] = "ADPA"
 
@@ -92,7 +107,13 @@ class ADPAConfig(TeacherPairConfig):
 
     reference_name: str = field(default="ref", metadata={"help": "Name of the reference's signals in the cache."})
     reference_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The DPO teacher's reference (SFT teacher), for teacher_mode=live."}
+        default=None, metadata={"help": "The DPO teacher's reference (SFT teacher), for teacher_mode=model."}
+    )
+    reference_server_url: str | None = field(
+        default=None, metadata={"help": "OpenAI base URL of the reference's vLLM server (teacher_mode=server)."}
+    )
+    reference_server_model: str | None = field(
+        default=None, metadata={"help": "Served model name of the reference (default: the server's first)."}
     )
     response_column: str = field(
         default="completion", metadata={"help": "Student responses: ids in `{response_column}_ids`."}
@@ -104,16 +125,17 @@ class ADPAConfig(TeacherPairConfig):
     max_completion_length: int = field(default=128, metadata={"help": "Length limit of regenerated responses."})
     adpa_weight: float = field(default=1.6, metadata={"help": "γ, the weight of the advantage term."})
 
-    live_fields = ("teacher_model_name_or_path", "reference_model_name_or_path")
+    model_fields = ("teacher_model_name_or_path", "reference_model_name_or_path")
+    server_fields = ("teacher_server_url", "reference_server_url")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rollout_steps < 0:
             raise ValueError(f"ADPAConfig: rollout_steps must be >= 0, found {self.rollout_steps}")
-        if self.rollout_steps and self.teacher_mode != "live":
+        if self.rollout_steps and self.teacher_mode == "cache":
             raise ValueError(
                 "ADPAConfig: rollout_steps > 0 regenerates responses during training, which cached signals cannot "
-                "cover; use teacher_mode=live"
+                "cover; use teacher_mode=model or server"
             )
 
 
@@ -154,7 +176,7 @@ class ADPATrainer(TeacherPairTrainer):
     `train_dataset` rows: `id`, `prompt`, `chosen` (the SFT target) and `{response_column}_ids` (the student's
     response token ids), optionally `prompt_ids` (the ids the response followed; default: the prompt through the
     chat template) — e.g. a `rollout` or `signals` store from data_gen. `teacher_model` / `reference_model` (paths or
-    loaded models) override the config's paths for `teacher_mode="live"`.
+    loaded models) override the config's paths for `teacher_mode="model"`.
 
     Logged: `loss/sft`, `loss/adpa` (L_ADPA before γ), `adpa/expected_advantage` (−L_ADPA),
     `adpa/advantage_mean` (mean advantage over the DPO teacher's top-k, before any clip), `adpa/token_advantage`
@@ -182,7 +204,7 @@ class ADPATrainer(TeacherPairTrainer):
         super().__init__(model, args, train_dataset, processing_class, data_collator=collator, **kwargs)
         self.teacher = self.reference = None
         self._regenerated_step = -1
-        if args.teacher_mode == "live":
+        if args.teacher_mode == "model":
             trust = args.trust_remote_code
             self.teacher = self._frozen(
                 load_teacher(
@@ -199,32 +221,36 @@ class ADPATrainer(TeacherPairTrainer):
                 )
             )
             return
-        reader = TeacherSignalReader(
-            args.signals_path, [args.teacher_name, args.reference_name], [args.response_column]
-        )
-        expected_gather = args.teacher_name if args.loss_mode == "paper" else None
-        if args.loss_mode == "paper" and reader.gathered[args.reference_name] != expected_gather:
-            raise ValueError(
-                f"signals cache {args.signals_path}: paper-mode ADPA needs the reference {args.reference_name!r} "
-                f"gathered at the DPO teacher's ids (signals job: gather_at: {args.teacher_name}); it has its own "
-                "top-k, which would make the advantages only lower bounds"
-            )
-        datasets = [self.train_dataset]
-        if self.eval_dataset is not None:
-            datasets += (
-                list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-            )
-        for dataset in datasets:
-            reader.check_dataset(
-                dataset, {args.response_column: "rollout_ids"}, {args.response_column: "rollout_prompt_ids"}
-            )
         response = args.response_column
+        reader = None
+        if args.teacher_mode == "cache":
+            reader = TeacherSignalReader(args.signals_path, [args.teacher_name, args.reference_name], [response])
+            expected_gather = args.teacher_name if args.loss_mode == "paper" else None
+            if args.loss_mode == "paper" and reader.gathered[args.reference_name] != expected_gather:
+                raise ValueError(
+                    f"signals cache {args.signals_path}: paper-mode ADPA needs the reference {args.reference_name!r} "
+                    f"gathered at the DPO teacher's ids (signals job: gather_at: {args.teacher_name}); it has its own "
+                    "top-k, which would make the advantages only lower bounds"
+                )
+        load = self._load_frozen
+        sources = {
+            "dpo_": teacher_source(args, tokenizer, [response], load, reader=reader),
+            "ref_": teacher_source(args, tokenizer, [response], load, REFERENCE_ROLE, reader=reader),
+        }
+        for source in sources.values():
+            check_cached_rows(
+                source, [self.train_dataset, *self._eval_datasets()], {response: "rollout_ids"},
+                {response: "rollout_prompt_ids"},
+            )  # fmt: skip
+        # paper mode: the reference's log-probs at the DPO teacher's ids (a cache holds them gathered already)
+        gather = {"ref_": "dpo_"} if args.loss_mode == "paper" and args.teacher_mode == "server" else {}
+        self.teacher_sources = sources
         self.data_collator = SignalsCollator(
             self.data_collator,
-            reader,
+            sources,
             lambda examples: [(str(e["id"]), response) for e in examples],
             lambda n: slice(n, None),
-            {args.teacher_name: "dpo_", args.reference_name: "ref_"},
+            gather=gather,
         )
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -277,7 +303,7 @@ class ADPATrainer(TeacherPairTrainer):
         half = inputs["input_ids"].shape[0] // 2
         chosen = split_rows({k: inputs[k][:half] for k in ("input_ids", "attention_mask", "completion_mask")})
         rollout = [(encode_prompt(self._tokenizer, p), c[0].token_ids) for p, c in zip(prompts, completions)]
-        collator = self.data_collator
+        collator = getattr(self.data_collator, "base", self.data_collator)  # under a SignalsCollator: its base
         batch = collator.build(chosen + rollout)
         return {**inputs, **{k: v.to(inputs["input_ids"].device) for k, v in batch.items()}}
 
@@ -301,24 +327,21 @@ class ADPATrainer(TeacherPairTrainer):
         args = self.args
         if args.rollout_steps and self.model.training and self.state.global_step % args.rollout_steps == 0:
             inputs = self._regenerate(model, inputs)
-        outputs = self._student_outputs(model, inputs)
-        logits, labels, mask = self._aligned(outputs.logits, inputs)
+            if self.teacher is None:  # served teachers: their signals on the fresh responses
+                half = inputs["input_ids"].shape[0] // 2
+                keys = [("", args.response_column)] * (inputs["input_ids"].shape[0] - half)
+                inputs = self.data_collator.add_signals(dict(inputs), keys, slice(half, None))
+        # live teachers give top-k signals (from their logits, no graph): only the student's head is fused
+        scores, outputs = self._scores(model, inputs, need_logits=return_outputs)
+        labels, mask = scores.labels, scores.mask
         half = inputs["input_ids"].shape[0] // 2
         roll = slice(half, None)
         dpo, ref = self._teacher_signals(inputs, labels[roll])
         beta = args.beta if args.loss_mode == "paper" else 1.0
         adv_ids, advantages = adpa_advantages(dpo.ids, dpo.logprobs, ref.ids, ref.logprobs, beta, args.loss_mode)
         parts = {
-            "loss/sft": self._sft(logits[:half], labels[:half], mask[:half]),
-            "loss/adpa": adpa_loss(
-                logits[roll],
-                adv_ids,
-                advantages,
-                mask[roll],
-                mode=args.loss_mode,
-                chunk_size=args.loss_chunk_size,
-                reduction=args.loss_reduction,
-            ),
+            "loss/sft": scores.nll(slice(None, half)),
+            "loss/adpa": scores.adpa(roll, adv_ids, advantages, args.loss_mode),
         }
         loss = args.sft_weight * parts["loss/sft"] + args.adpa_weight * parts["loss/adpa"]
         with torch.no_grad():

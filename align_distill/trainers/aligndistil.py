@@ -21,10 +21,10 @@ Only the span of scored rows is projected through the LM heads (`logits_to_keep`
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from trl import SFTConfig, SFTTrainer
@@ -34,7 +34,10 @@ from align_distill.data_gen.backends import SamplingParams
 from align_distill.losses import aligndistil_loss, masked_mean
 from align_distill.losses.divergence import default_chunk_size
 from align_distill.models import check_model_vocab, load_model, shared_vocab_size
+from align_distill.teachers.server import ServerTeacher
+from align_distill.teachers.sources import SignalsRequest, canonical_kind
 from align_distill.trainers.common import LossOnlyPrediction, default_precision, prepare_frozen, right_padded_batch
+from align_distill.trainers.fused_heads import final_hidden, plain_lm_head
 from align_distill.trainers.rollouts import ENGINE_BACKENDS, RolloutEngine, rollout_seeds, zero3_enabled
 from align_distill.vocabulary import reject_ignored_fields
 
@@ -60,6 +63,18 @@ class AlignDistilConfig(SFTConfig):
             it `--ref_model`. For `variant="theorem1"` give the SFT reference model here instead.
         teacher_dtype (`str`, defaults to `"auto"`):
             dtype the two frozen models are loaded in when given as paths (`auto`, `float32`, `bfloat16`, ...).
+        teacher_mode (`str`, defaults to `"model"`):
+            Where the two teacher-side models run (docs/teachers.md). `model`: in this process. `server`: each on a
+            vLLM server (`teacher_server_url`, `reference_server_url`), asked for its **full** distribution
+            (`prompt_logprobs: V`; the servers need `--max-logprobs -1`): the AlignDistil loss reads both models'
+            whole rows (TVD, the extrapolated teacher), and has no top-k form. `cache` is not supported (a cache at
+            k = V holds V log-probs per token). `live` is the deprecated name of `model`.
+        teacher_server_url (`str`, *optional*), teacher_server_model (`str`, *optional*):
+            The DPO model's vLLM server and served name (`teacher_mode="server"`).
+        reference_server_url (`str`, *optional*), reference_server_model (`str`, *optional*):
+            The reverse-DPO (or, for `theorem1`, SFT) model's vLLM server and served name.
+        teacher_server_kwargs (`dict`, *optional*):
+            Client settings of both servers (`api_key_env`, `max_concurrency`, `timeout`, `max_retries`, ...).
 
         > Parameters that control the loss (docs/methods/aligndistil.md §4, §5, §8.1)
 
@@ -128,7 +143,7 @@ class AlignDistilConfig(SFTConfig):
     }
     method_label: ClassVar[str] = "AlignDistil"
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs", "teacher_server_kwargs"]
 
     # models
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The DPO model (π_dpo)."})
@@ -136,6 +151,18 @@ class AlignDistilConfig(SFTConfig):
         default=None, metadata={"help": "The reverse-DPO model (π⁻_dpo); the SFT model for variant=theorem1."}
     )
     teacher_dtype: str = field(default="auto", metadata={"help": "dtype of the two frozen models."})
+    teacher_mode: Literal["model", "server", "live"] = field(
+        default="model", metadata={"help": "model: both models in process; server: vLLM servers (full rows)."}
+    )
+    teacher_server_url: str | None = field(default=None, metadata={"help": "The DPO model's vLLM server (server)."})
+    teacher_server_model: str | None = field(default=None, metadata={"help": "Its served model name."})
+    reference_server_url: str | None = field(
+        default=None, metadata={"help": "The reverse-DPO (theorem1: SFT) model's vLLM server (server)."}
+    )
+    reference_server_model: str | None = field(default=None, metadata={"help": "Its served model name."})
+    teacher_server_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Client settings of both servers (api_key_env, timeout, max_retries, ...)."}
+    )
     # loss
     beta: float = field(default=0.1, metadata={"help": "β0 of the DPO models; β_t = beta/α_t."})
     tvd_scale: float | None = field(
@@ -196,6 +223,23 @@ class AlignDistilConfig(SFTConfig):
             problems.append(f"rollout_sync_steps must be >= 1, found {self.rollout_sync_steps}")
         if self.beta <= 0 or self.eps <= 0:
             problems.append(f"beta and eps must be > 0, found beta={self.beta}, eps={self.eps}")
+        self.teacher_mode = canonical_kind(self.teacher_mode, "AlignDistilConfig.teacher_mode")
+        if isinstance(self.teacher_server_kwargs, str):
+            self.teacher_server_kwargs = json.loads(self.teacher_server_kwargs)
+        if self.teacher_mode == "cache":
+            problems.append(
+                "teacher_mode=cache is not supported: the AlignDistil loss reads both models' full rows (a cache at "
+                "k = V); use teacher_mode=model or server"
+            )
+        elif self.teacher_mode == "server":
+            missing = [f for f in ("teacher_server_url", "reference_server_url") if not getattr(self, f)]
+            if missing:
+                problems.append(f"teacher_mode=server needs {', '.join(missing)}")
+            if self.official_alignment:
+                problems.append(
+                    "official_alignment scores a row past the last response token, which a server's prompt log-probs "
+                    "do not cover; use it with teacher_mode=model"
+                )
         if problems:
             raise ValueError("AlignDistilConfig: " + "; ".join(problems))
 
@@ -242,49 +286,6 @@ def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- loss of one batch --------------------------------------------------------------------------------------------
 
-# Config attributes that change logits after the LM head (soft-capping, scales): the blockwise path would miss them.
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
-
-
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / DeepSpeed wrappers (PEFT models answer `get_output_embeddings` themselves)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def plain_lm_head(model: torch.nn.Module) -> bool:
-    """Whether logits are exactly `get_output_embeddings()(final hidden state)`: a linear head, no transforms."""
-    model = _inner(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return isinstance(head, torch.nn.Linear) and all(getattr(config, k, None) is None for k in _LOGIT_TRANSFORMS)
-
-
-@contextlib.contextmanager
-def _final_hidden(model: torch.nn.Module):
-    """Capture the LM head's input (the final hidden states of the kept rows) and give the head zero rows instead,
-    so the model's forward — through whatever wrapper — builds no logits at all."""
-    head = _inner(model).get_output_embeddings()
-    captured: dict[str, torch.Tensor] = {}
-
-    def pre_hook(module, args):
-        captured["hidden"] = args[0]
-        return (args[0][..., :0, :], *args[1:])
-
-    handle = head.register_forward_pre_hook(pre_hook)
-    try:
-        yield captured, head
-    finally:
-        handle.remove()
-
-
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab_size: int):
     out = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
@@ -293,7 +294,7 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.
 
 
 def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor):
-    with _final_hidden(model) as (captured, head):
+    with final_hidden(model) as (captured, head):
         model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
         )
@@ -341,13 +342,17 @@ def batch_loss(
     settings, theorem1 = _loss_settings(args)
     blockwise = getattr(args, "blockwise_lm_head", None)
     models = (student, dpo_model, second_model)
+    served = isinstance(dpo_model, ServerTeacher)
     if blockwise is None:
-        blockwise = all(plain_lm_head(m) for m in models)
+        blockwise = not served and all(plain_lm_head(m) for m in models)
     if not blockwise or not mask.any():
         student_logits = _logits(student, batch, keep, vocab_size)
         with torch.no_grad():
-            dpo_logits = _logits(dpo_model, batch, keep, vocab_size)
-            second_logits = _logits(second_model, batch, keep, vocab_size)
+            if served:  # full log-prob rows from the servers: valid logits of the same softmax
+                dpo_logits, second_logits = (_served_rows(m, batch, completion_mask, keep) for m in models[1:])
+            else:
+                dpo_logits = _logits(dpo_model, batch, keep, vocab_size)
+                second_logits = _logits(second_model, batch, keep, vocab_size)
         loss, stats = aligndistil_loss(
             student_logits,
             dpo_logits,
@@ -383,6 +388,24 @@ def batch_loss(
         (b_idx, t_idx), torch.cat(values)
     )
     return masked_mean(per_token, mask, "sequence_mean"), stats, rows
+
+
+def _served_rows(
+    source: ServerTeacher, batch: dict[str, torch.Tensor], completion_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """A served model's full log-prob rows `[B, |keep|, V]` at the kept rows (row i predicts token i + 1)."""
+    request = SignalsRequest(
+        [("", "completion")] * batch["input_ids"].shape[0],
+        batch["input_ids"].cpu(),
+        completion_mask.long().cpu(),
+        batch["attention_mask"].cpu(),
+    )
+    signals = source.signals(request)
+    rows = torch.zeros(*signals.ids.shape[:2], source.vocab_size).scatter_(
+        -1, signals.ids.clamp(max=source.vocab_size - 1), signals.logprobs
+    )
+    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], 1, rows.shape[-1])], dim=1)  # the last row predicts nothing
+    return rows[:, keep.cpu()].to(batch["input_ids"].device)
 
 
 def _frozen_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor):
@@ -427,7 +450,7 @@ class AlignDistilTrainer(LossOnlyPrediction, SFTTrainer):
             raise ValueError("AlignDistilTrainer needs an AlignDistilConfig (args)")
         dpo_model = dpo_model if dpo_model is not None else args.teacher_model_name_or_path
         rev_dpo_model = rev_dpo_model if rev_dpo_model is not None else args.reference_model_name_or_path
-        if dpo_model is None or rev_dpo_model is None:
+        if args.teacher_mode == "model" and (dpo_model is None or rev_dpo_model is None):
             raise ValueError(
                 "AlignDistil needs the DPO model and the reverse-DPO model: set teacher_model_name_or_path and "
                 f"reference_model_name_or_path (found {args.teacher_model_name_or_path!r}, "
@@ -455,8 +478,21 @@ class AlignDistilTrainer(LossOnlyPrediction, SFTTrainer):
 
         self.vocab_size = shared_vocab_size(self._tokenizer)
         check_model_vocab(self.accelerator.unwrap_model(self.model), self._tokenizer, "student")
-        self.dpo_model = self._frozen(dpo_model, "DPO model")
-        self.rev_dpo_model = self._frozen(rev_dpo_model, "reverse-DPO model")
+        if args.teacher_mode == "server":
+            self.dpo_model, self.rev_dpo_model = (
+                ServerTeacher(
+                    getattr(args, f"{role}_server_url"),
+                    self._tokenizer,
+                    self.vocab_size,  # the full vocabulary: the loss reads whole rows
+                    name=name,
+                    model=getattr(args, f"{role}_server_model"),
+                    client_kwargs=args.teacher_server_kwargs,
+                )
+                for role, name in (("teacher", "DPO model"), ("reference", "reverse-DPO model"))
+            )
+        else:
+            self.dpo_model = self._frozen(dpo_model, "DPO model")
+            self.rev_dpo_model = self._frozen(rev_dpo_model, "reverse-DPO model")
         self.rollouts = RolloutEngine(args, self._tokenizer, self.accelerator, generator)
         self._rollouts = 0
 

@@ -70,28 +70,8 @@ class LossOnlyPrediction:
         return loss.detach(), None, None
 
 
-def scatter_rows(mask: torch.Tensor, rows: Sequence[torch.Tensor], fill: float | int = 0) -> torch.Tensor:
-    """Place per-row response values (`rows[b]` is `[n_b, ...]`, n_b = mask[b].sum()) onto a `[B, T, ...]` tensor.
-
-    Used to put cached teacher signals (top-k ids / log-probs per response token) where the student's aligned
-    logits are. A count mismatch means the cache and the batch disagree on the response tokens: an error.
-    """
-    if len(rows) != mask.shape[0]:
-        raise ValueError(f"{len(rows)} rows of signals for a batch of {mask.shape[0]}")
-    trailing = tuple(rows[0].shape[1:]) if rows else ()
-    out = torch.full(
-        (*mask.shape, *trailing), fill, dtype=rows[0].dtype if rows else torch.float32, device=mask.device
-    )
-    for b, row in enumerate(rows):
-        n = int(mask[b].sum())
-        if row.shape[0] != n:
-            raise ValueError(f"batch row {b}: signals cover {row.shape[0]} response tokens, the batch has {n}")
-        out[b][mask[b]] = row.to(out.device, out.dtype)
-    return out
-
-
 def gather_rows(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Inverse of `scatter_rows`: the response positions of each row, `[n_b, ...]`."""
+    """Inverse of `scatter_rows` (`teachers.signals`): the response positions of each row, `[n_b, ...]`."""
     return [values[b][mask[b]] for b in range(mask.shape[0])]
 
 

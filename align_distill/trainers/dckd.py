@@ -6,8 +6,9 @@ with KL = KL(π_dpo ‖ π_θ) on the dataset's chosen and rejected responses (p
 `DPOTrainer` (tokenization, collation — `input_ids [2B, L]` chosen then rejected —, logging, saving) with the DPO
 loss replaced: the trainer only lines up the student's logits with the teacher signals and calls
 `align_distill.losses`. The teacher comes from the signal cache of `align-distill generate signals`
-(`teacher_mode="cache"`, top-k + rest bucket, `topk_kd_loss`) or runs next to the student (`teacher_mode="live"`,
-full vocabulary, `kd_loss`).
+(`teacher_mode="cache"`, top-k + rest bucket, `topk_kd_loss`), from a vLLM server (`teacher_mode="server"`, the same
+top-k form), from several teachers (`teachers`, the top-k form of their mixture) or runs next to the student
+(`teacher_mode="model"`, full vocabulary, `kd_loss`; `official` mode: its top-k form).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from align_distill.losses import kd_loss, topk_kd_loss
-
-from .signals import TeacherSignalReader, live_signals
-from .teacher import SignalsCollator, TeacherPairConfig, TeacherPairTrainer, load_teacher
+from .signals import live_signals
+from .teacher import (
+    SignalsCollator,
+    TeacherPairConfig,
+    TeacherPairTrainer,
+    check_cached_rows,
+    load_teacher,
+    teacher_source,
+)
 
 
 @dataclass
@@ -49,7 +55,7 @@ class DCKDConfig(TeacherPairConfig):
 class DCKDTrainer(TeacherPairTrainer):
     """DCKD (docs/methods/dckd_adpa.md §3) on TRL's DPOTrainer. Arguments as `DPOTrainer`, plus `teacher_model`
     (a path or
-    a loaded model; default `args.teacher_model_name_or_path`) for `teacher_mode="live"`.
+    a loaded model; default `args.teacher_model_name_or_path`) for `teacher_mode="model"`.
 
     Logged: `loss/sft`, `kl/chosen`, `kl/rejected` (each before its weight).
     """
@@ -68,65 +74,55 @@ class DCKDTrainer(TeacherPairTrainer):
     ):
         super().__init__(model, args, train_dataset, processing_class, **kwargs)
         self.teacher = None
-        if args.teacher_mode == "live":
+        if args.teacher_mode == "model" and not args.teachers:
             teacher = teacher_model or args.teacher_model_name_or_path
             self.teacher = self._frozen(
                 load_teacher(teacher, self._tokenizer, args.teacher_dtype, "teacher", args.trust_remote_code)
             )
             return
-        reader = TeacherSignalReader(args.signals_path, [args.teacher_name], ["chosen", "rejected"])
-        for dataset in [self.train_dataset, *self._eval_datasets()]:
-            reader.check_dataset(dataset, {"chosen": "chosen_ids", "rejected": "rejected_ids"})
+        self.teacher_source = teacher_source(args, self._tokenizer, ["chosen", "rejected"], self._load_frozen)
+        datasets = [self.train_dataset, *self._eval_datasets()]
+        check_cached_rows(self.teacher_source, datasets, {"chosen": "chosen_ids", "rejected": "rejected_ids"})
+        if args.teacher_routing_column:
+            self.extra_columns = (*self.extra_columns, args.teacher_routing_column)
 
         def layout(examples: list[dict[str, Any]]) -> list[tuple[str, str]]:
             ids = [str(example["id"]) for example in examples]
             return [(i, "chosen") for i in ids] + [(i, "rejected") for i in ids]
 
         self.data_collator = SignalsCollator(
-            self.data_collator, reader, layout, lambda n: slice(None), {args.teacher_name: "teacher_"}
+            self.data_collator,
+            {"teacher_": self.teacher_source},
+            layout,
+            lambda n: slice(None),
+            routing_column=args.teacher_routing_column,
         )
-
-    def _eval_datasets(self) -> list[Any]:
-        if self.eval_dataset is None:
-            return []
-        return list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        outputs = self._student_outputs(model, inputs)
-        logits, labels, mask = self._aligned(outputs.logits, inputs)
+        # paper mode with a live teacher: the full-vocabulary KL; official mode takes its top-k (from its logits)
+        full = self.teacher is not None and args.loss_mode == "paper"
+        scores, outputs = self._scores(model, inputs, (self.teacher,) if full else (), need_logits=return_outputs)
         half = inputs["input_ids"].shape[0] // 2
-        parts = {"loss/sft": self._sft(logits[:half], labels[:half], mask[:half])}
-        teacher_logits = self._teacher_logits(self.teacher, inputs) if self.teacher is not None else None
+        parts = {"loss/sft": scores.nll(slice(None, half))}
+        teacher = None
+        if self.teacher is not None:
+            teacher = self._live_teacher(self.teacher, inputs, fused=full and scores.student is not None)
         for name, rows, weight in (
             ("chosen", slice(None, half), args.chosen_kl_weight),
             ("rejected", slice(half, None), args.rejected_kl_weight),
         ):
             if weight == 0:
                 continue
-            if teacher_logits is not None and args.loss_mode == "paper":
-                kl = kd_loss(
-                    logits[rows],
-                    teacher_logits[rows],
-                    mask[rows],
-                    chunk_size=args.loss_chunk_size,
-                    reduction=args.loss_reduction,
-                )
+            if full:
+                kl = scores.kd(rows, teacher)
             else:
-                if teacher_logits is not None:
-                    live = live_signals(teacher_logits[rows], labels[rows], args.signals_top_k)
+                if teacher is not None:
+                    live = live_signals(teacher[rows], scores.labels[rows], args.signals_top_k)
                     ids, logprobs = live.ids, live.logprobs
                 else:
                     ids, logprobs = inputs["teacher_ids"][rows], inputs["teacher_logprobs"][rows]
-                kl = topk_kd_loss(
-                    logits[rows],
-                    ids,
-                    logprobs,
-                    mask[rows],
-                    mode=args.loss_mode,
-                    chunk_size=args.loss_chunk_size,
-                    reduction=args.loss_reduction,
-                )
+                kl = scores.topk_kd(rows, ids, logprobs, mode=args.loss_mode)
             parts[f"kl/{name}"] = kl
         loss = args.sft_weight * parts["loss/sft"]
         loss = loss + args.chosen_kl_weight * parts.get("kl/chosen", 0.0)

@@ -45,9 +45,9 @@ from trl.models.utils import unwrap_model_for_generation
 from align_distill.data.tokens import encode_prompt_responses, encode_prompts
 from align_distill.data_gen.backends import SamplingParams, generate_with_seeds
 from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
-from align_distill.losses import kd_loss, masked_mean, topk_kd_loss
-from align_distill.losses.reduction import token_logps
+from align_distill.losses.divergences import DIVERGENCE_PARAMS
 from align_distill.models import check_model_vocab, shared_vocab_size, slice_logits_to_vocab
+from align_distill.teachers.sources import teacher_specs
 from align_distill.vocabulary import reject_ignored_fields
 
 from .common import (
@@ -59,32 +59,35 @@ from .common import (
     response_view,
     right_padded_batch,
 )
+from .fused_heads import FusedLMHeadMixin, ResponseScores
 from .rollouts import RolloutEngine, rollout_seeds, zero3_enabled
-from .signals import TeacherSignalReader
-from .teacher import SignalsCollator, load_teacher
+from .teacher import (
+    SignalsCollator,
+    TeacherSourceConfig,
+    check_cached_rows,
+    check_teacher_mode,
+    load_teacher,
+    teacher_source,
+)
 
 logger = logging.getLogger(__name__)
 
-# Each divergence of `kd_loss` / `topk_kd_loss` and the config field that carries its parameter (taid_t: the schedule).
+# Each divergence of `kd_loss` / `topk_kd_loss` and the config fields that carry its parameters (taid_t: the schedule),
+# read from the loss family's own table so that a divergence added there is a config choice here too.
 DIVERGENCE_FIELDS: dict[str, tuple[str, ...]] = {
-    "forward_kl": (),
-    "reverse_kl": (),
-    "jsd": ("beta",),
-    "skew_forward_kl": ("alpha",),
-    "skew_reverse_kl": ("alpha",),
-    "tvd": (),
-    "akl": ("mu",),
-    "taid": (),
+    name: tuple(p for p in params if p != "taid_t") for name, params in DIVERGENCE_PARAMS.items()
 }
 # The losses' defaults for a parameter the recipe leaves unset.
-PARAM_DEFAULTS = {"beta": 0.5, "alpha": 0.1, "mu": 0.5}
+PARAM_DEFAULTS: dict[str, float] = {
+    p: default for params in DIVERGENCE_PARAMS.values() for p, default in params.items() if default is not None
+}
 # Where on-policy samples come from: the live student in place, or a colocated vLLM engine synced from it.
 ROLLOUT_BACKENDS = ("student", "vllm")
 TAID_STATE = "taid_state.json"
 
 
 @dataclass
-class KDConfig(SFTConfig):
+class KDConfig(SFTConfig, TeacherSourceConfig):
     r"""Configuration of [`KDTrainer`]: TRL's `SFTConfig` plus the teacher, the divergence and on-policy sampling.
 
     Why `SFTConfig`: KD trains on SFT data (prompt/completion, plain or conversational), and TRL's own mixed
@@ -96,18 +99,31 @@ class KDConfig(SFTConfig):
     Parameters:
         > Parameters that control the teacher
 
-        teacher_mode (`str`, *optional*, defaults to `"live"`):
-            `live`: load `teacher_model_name_or_path` next to the student and use its full logits (`kd_loss`).
-            `cache`: read the teacher's top-k log-probs from `signals_path` (`topk_kd_loss`, no teacher in memory);
-            off-policy only, since the cache holds the dataset's fixed completions.
+        teacher_mode (`str`, *optional*, defaults to `"model"`):
+            Where the teacher runs (docs/teachers.md). `model`: load `teacher_model_name_or_path` next to the
+            student and use its full logits (`kd_loss`). `cache`: read the teacher's top-k log-probs from
+            `signals_path` (`topk_kd_loss`, no teacher in memory); off-policy only, since the cache holds the
+            dataset's fixed completions. `server`: ask the vLLM server at `teacher_server_url` for the top-k
+            log-probs of every batch (`topk_kd_loss`; on-policy samples too). `live` is the deprecated name of
+            `model` (one release).
         teacher_model_name_or_path (`str`, *optional*):
-            The teacher (`live`). Must share the student's tokenizer (checked).
+            The teacher (`model`). Must share the student's tokenizer (checked).
         teacher_dtype (`str`, *optional*, defaults to `"auto"`):
-            dtype the live teacher is loaded in.
+            dtype the in-process teacher is loaded in.
         signals_path (`str`, *optional*):
             Teacher-signal cache (`align-distill generate signals` on this dataset's `completion`s).
         teacher_name (`str`, *optional*, defaults to `"teacher"`):
             Name of the teacher's signals in the cache (the signals job's `teachers[].name`).
+        teacher_server_url (`str`, *optional*), teacher_server_model (`str`, *optional*),
+        teacher_server_kwargs (`dict`, *optional*):
+            The teacher's vLLM server (`teacher_mode="server"`): OpenAI base URL, served model name (default: its
+            first) and client settings (`api_key_env`, `max_concurrency`, `timeout`, `max_retries`, ...).
+        signals_top_k (`int`, *optional*, defaults to `50`):
+            Served teachers and the in-process members of `teachers`: ids per position.
+        teachers (`list[dict]`, *optional*), teacher_routing_column (`str`, *optional*):
+            Several teachers (docs/teachers.md, "Several teachers"): `{name, kind, weight, model_name_or_path |
+            signals_path | server_url, server_model}` each, mixed by weight over the union of their top-k ids, or
+            routed per row by the dataset column `teacher_routing_column`. The loss is the top-k form.
 
         > Parameters that control the loss (docs/methods/kd.md)
 
@@ -133,7 +149,11 @@ class KDConfig(SFTConfig):
         loss_reduction (`str`, *optional*, defaults to `"token_mean"`):
             `token_mean` (pooled over the micro-batch) or `sequence_mean`.
         loss_chunk_size (`int`, *optional*):
-            Positions per chunk of the vocabulary-wide loss work (bounds peak memory); `None` picks ~2 MiB chunks.
+            Positions per chunk of the vocabulary-wide loss work (logits path; bounds peak memory); `None` picks
+            ~2 MiB chunks.
+        fused_lm_head (`bool`, *optional*, defaults to `True`):
+            The loss from hidden states and LM heads in vocabulary tiles, no `[B, T, V]` logits; `False`: the
+            logits path (`FusedLMHeadConfig`).
 
         > Parameters that control on-policy samples
 
@@ -170,14 +190,17 @@ class KDConfig(SFTConfig):
     }
     method_label: ClassVar[str] = "KD"
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["rollout_backend_kwargs", "teacher_server_kwargs"]
 
     # teacher
-    teacher_mode: Literal["live", "cache"] = field(
-        default="live", metadata={"help": "live: run the teacher (full logits); cache: read top-k signals."}
+    teacher_mode: Literal["model", "cache", "server", "live"] = field(
+        default="model",
+        metadata={"help": "model: run the teacher (full logits); cache / server: top-k signals (live: model)."},
     )
-    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (teacher_mode=live)."})
-    teacher_dtype: str = field(default="auto", metadata={"help": "dtype of the live teacher."})
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher (teacher_mode=model)."}
+    )
+    teacher_dtype: str = field(default="auto", metadata={"help": "dtype of the in-process teacher."})
     signals_path: str | None = field(
         default=None, metadata={"help": "Teacher-signal cache on this dataset's completions (teacher_mode=cache)."}
     )
@@ -262,23 +285,23 @@ def check_kd_config(config: KDConfig) -> list[str]:
     if config.max_completion_length < 1:
         problems.append(f"max_completion_length must be >= 1, found {config.max_completion_length}")
     problems += check_rollout_backend(config)
-    if config.teacher_mode not in ("live", "cache"):
-        problems.append(f"teacher_mode must be live or cache, found {config.teacher_mode!r}")
-    elif config.teacher_mode == "live" and not config.teacher_model_name_or_path:
-        problems.append("teacher_mode=live needs teacher_model_name_or_path")
-    elif config.teacher_mode == "cache":
-        if not config.signals_path:
-            problems.append("teacher_mode=cache needs signals_path (the output of `generate signals`)")
-        if config.temperature != 1.0:
-            problems.append(
-                f"teacher_mode=cache holds the teacher's log-probs at temperature 1, found temperature="
-                f"{config.temperature}; use teacher_mode=live for a loss temperature"
-            )
-        if config.lmbda > 0:
-            problems.append(
-                f"teacher_mode=cache is off-policy only (the cache holds the dataset's fixed completions), found "
-                f"lmbda={config.lmbda}; use teacher_mode=live for on-policy samples or set lmbda: 0"
-            )
+    try:
+        check_teacher_mode(config, model_fields=("teacher_model_name_or_path",), server_fields=("teacher_server_url",))
+    except ValueError as error:
+        return [*problems, str(error).removeprefix("KDConfig: ")]
+    specs = teacher_specs(config.teachers, "KDConfig.teachers") if config.teachers else []
+    top_k_form = bool(specs) or config.teacher_mode != "model"
+    cached = any(s.kind == "cache" for s in specs) or (not specs and config.teacher_mode == "cache")
+    if top_k_form and config.temperature != 1.0:
+        problems.append(
+            f"teacher_mode={config.teacher_mode} gives the teacher's log-probs at temperature 1, found temperature="
+            f"{config.temperature}; use teacher_mode=model for a loss temperature"
+        )
+    if cached and config.lmbda > 0:
+        problems.append(
+            f"teacher_mode=cache is off-policy only (the cache holds the dataset's fixed completions), found "
+            f"lmbda={config.lmbda}; use teacher_mode=model or server for on-policy samples or set lmbda: 0"
+        )
     return problems
 
 
@@ -350,9 +373,10 @@ class TAIDSchedule:
 # ---- data -----------------------------------------------------------------------------------------------------------
 
 
-def tokenize_completions(dataset: Any, tokenizer: Any) -> Any:
+def tokenize_completions(dataset: Any, tokenizer: Any, extra_columns: tuple[str, ...] = ()) -> Any:
     """`prompt_ids` and `completion_ids` of every row by the tokenization contract (`data.tokens`: the ids the
-    `signals` job computes the cache on); a prompt-only dataset gets `prompt_ids` only."""
+    `signals` job computes the cache on); a prompt-only dataset gets `prompt_ids` only. `extra_columns` are kept
+    (a teacher routing column)."""
     has_completion = "completion" in dataset.column_names
 
     def tokenize(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -361,7 +385,7 @@ def tokenize_completions(dataset: Any, tokenizer: Any) -> Any:
         pairs = encode_prompt_responses(tokenizer, rows["prompt"], rows["completion"])
         return {"prompt_ids": [p for p, _ in pairs], "completion_ids": [c for _, c in pairs]}
 
-    keep = [c for c in ("id", "prompt", "completion") if c in dataset.column_names]
+    keep = [c for c in ("id", "prompt", "completion", *extra_columns) if c in dataset.column_names]
     return dataset.select_columns(keep).map(tokenize, batched=True, desc="Tokenizing KD rows")
 
 
@@ -390,7 +414,7 @@ class KDCollator:
 # ---- trainer --------------------------------------------------------------------------------------------------------
 
 
-class KDTrainer(LossOnlyPrediction, SFTTrainer):
+class KDTrainer(FusedLMHeadMixin, LossOnlyPrediction, SFTTrainer):
     """KD (docs/methods/kd.md, "Trainer") on TRL's `SFTTrainer`; see the module docstring.
 
     Args:
@@ -399,7 +423,7 @@ class KDTrainer(LossOnlyPrediction, SFTTrainer):
         train_dataset, eval_dataset: prompt/completion rows (plain or conversational; `id` needed for the cache),
             or prompt-only rows with `lmbda = 1`.
         processing_class: the student's tokenizer (shared with the teacher).
-        teacher_model: a path or loaded model overriding `args.teacher_model_name_or_path` (`teacher_mode=live`).
+        teacher_model: a path or loaded model overriding `args.teacher_model_name_or_path` (`teacher_mode=model`).
 
     Logged: `kd/loss` (the divergence), `kd/sft` (when `sft_weight > 0`), `kd/on_policy_fraction` (share of
     training batches on student samples), `kd/completion_tokens`, `taid/t` (the t each batch used).
@@ -427,9 +451,10 @@ class KDTrainer(LossOnlyPrediction, SFTTrainer):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        train_dataset = tokenize_completions(train_dataset, tokenizer)
+        extra = (args.teacher_routing_column,) if args.teacher_routing_column else ()
+        train_dataset = tokenize_completions(train_dataset, tokenizer, extra)
         if eval_dataset is not None:
-            eval_dataset = tokenize_completions(eval_dataset, tokenizer)
+            eval_dataset = tokenize_completions(eval_dataset, tokenizer, extra)
         self.prompt_only = "completion_ids" not in train_dataset.column_names
         if self.prompt_only and args.lmbda < 1.0:
             raise ValueError(
@@ -452,12 +477,12 @@ class KDTrainer(LossOnlyPrediction, SFTTrainer):
         check_model_vocab(self.accelerator.unwrap_model(self.model), tokenizer, "student")
         self.kd_collator = collator
         self.teacher = None
-        if args.teacher_mode == "live":
+        if args.teacher_mode == "model" and not args.teachers:
             teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
             teacher = load_teacher(teacher, tokenizer, args.teacher_dtype, "teacher", args.trust_remote_code)
             self.teacher = prepare_frozen(teacher, self.accelerator, self.is_deepspeed_enabled)
         else:
-            self._use_signals_cache()
+            self._use_teacher_source()
         self.taid = (
             TAIDSchedule(t_start=args.taid_t_start, alpha=args.taid_alpha, beta=args.taid_beta)
             if args.divergence == "taid"
@@ -468,26 +493,37 @@ class KDTrainer(LossOnlyPrediction, SFTTrainer):
         # rollout_backend=vllm: the colocated engine, built at the first sample and closed at the end of `train`
         self.rollouts = RolloutEngine(args, tokenizer, self.accelerator) if args.rollout_backend == "vllm" else None
 
-    def _use_signals_cache(self) -> None:
+    def _use_teacher_source(self) -> None:
+        """Top-k teacher signals from the cache, a server or several teachers, added to each batch by the collator
+        (and again on the student's samples, which only a model or server teacher can score)."""
         args = self.args
-        reader = TeacherSignalReader(args.signals_path, [args.teacher_name], ["completion"])
+
+        def load(path: str, name: str) -> Any:
+            model = load_teacher(path, self._tokenizer, args.teacher_dtype, name, args.trust_remote_code)
+            return prepare_frozen(model, self.accelerator, self.is_deepspeed_enabled)
+
+        self.teacher_source = teacher_source(args, self._tokenizer, ["completion"], load)
         evaluation = self.eval_dataset
         datasets = [self.train_dataset]
         if evaluation is not None:
             datasets += list(evaluation.values()) if isinstance(evaluation, dict) else [evaluation]
-        for dataset in datasets:
-            reader.check_dataset(dataset, {"completion": "completion_ids"})
-        self.data_collator = SignalsCollator(
+        if not self.prompt_only:
+            check_cached_rows(self.teacher_source, datasets, {"completion": "completion_ids"})
+        self.signals_collator = SignalsCollator(
             self.data_collator,
-            reader,
+            {"teacher_": self.teacher_source},
             lambda examples: [(str(e["id"]), "completion") for e in examples],
             lambda n: slice(None),
-            {args.teacher_name: "teacher_"},
+            routing_column=args.teacher_routing_column,
         )
+        if not self.prompt_only:  # prompt-only batches get their signals on the samples, in compute_loss
+            self.data_collator = self.signals_collator
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = ["id", "prompt", "prompt_ids", "completion_ids"]
+            if self.args.teacher_routing_column:
+                self._signature_columns.append(self.args.teacher_routing_column)
 
     # -- on-policy samples ------------------------------------------------------------------------------------------
     def _student_samples(self, model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -533,43 +569,65 @@ class KDTrainer(LossOnlyPrediction, SFTTrainer):
         return self.model.training and self.args.lmbda > 0 and self._draws.random() < self.args.lmbda
 
     # -- loss -------------------------------------------------------------------------------------------------------
-    def _divergence(self, logits: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], t: float | None):
-        """`kd_loss` against the live teacher's logits, or `topk_kd_loss` against the cached top-k (τ = 1)."""
+    def _scores(self, model: Any, inputs: dict[str, Any], need_logits: bool) -> tuple[ResponseScores, Any]:
+        """The student's loss terms over the response view (fused unless `fused_lm_head` is off, a head is not
+        plain, or the logits are asked for) and its outputs (None on the fused path)."""
+        args = self.args
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        labels, mask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:].bool()
+        view = {"labels": labels, "mask": mask, "reduction": args.loss_reduction}
+        if not need_logits and self._fused_ready(model, self.teacher):
+            return ResponseScores(**view, student=self._fused_hidden(model, forward, self.vocab_size)), None
+        outputs = model(**forward, use_cache=False)
+        logits = slice_logits_to_vocab(outputs.logits, self.vocab_size)[:, :-1]
+        return ResponseScores(**view, chunk_size=args.loss_chunk_size, logits=logits), outputs
+
+    def _divergence(self, scores: ResponseScores, inputs: dict[str, Any], t: float | None):
+        """`kd_loss` against the live teacher (its logits, or its hidden states and head on the fused path), or
+        `topk_kd_loss` against the cached / served top-k (τ = 1)."""
         args = self.args
         params: dict[str, Any] = {"divergence": args.divergence, **args.divergence_params()}
         if t is not None:
             params["taid_t"] = t
-        common = {"chunk_size": args.loss_chunk_size, "reduction": args.loss_reduction}
+        rows = slice(None)
         if self.teacher is None:
-            return topk_kd_loss(logits, inputs["teacher_ids"], inputs["teacher_logprobs"], mask, **params, **common)
-        teacher = frozen_logits(self.teacher, inputs["input_ids"], inputs["attention_mask"])
-        teacher_logits = response_view(
-            slice_logits_to_vocab(teacher, self.vocab_size), inputs["input_ids"], inputs["completion_mask"]
-        )[0]
-        return kd_loss(logits, teacher_logits, mask, temperature=args.temperature, **params, **common)
+            return scores.topk_kd(rows, inputs["teacher_ids"], inputs["teacher_logprobs"], **params)
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if scores.student is not None:
+            with torch.no_grad():
+                teacher = self._fused_hidden(self.teacher, forward, self.vocab_size)
+        else:
+            teacher = response_view(
+                slice_logits_to_vocab(frozen_logits(self.teacher, **forward), self.vocab_size),
+                inputs["input_ids"],
+                inputs["completion_mask"],
+            )[0]
+        return scores.kd(rows, teacher, temperature=args.temperature, **params)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         on_policy = self._on_policy()
         if on_policy:
             inputs = self._student_samples(model, inputs)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        logits, labels, mask = response_view(
-            slice_logits_to_vocab(outputs.logits, self.vocab_size), inputs["input_ids"], inputs["completion_mask"]
-        )
+            if self.teacher is None:  # a served teacher scores the samples (a cache cannot: the config says so)
+                keys = [("", "completion")] * inputs["input_ids"].shape[0]
+                routes = inputs.get("teacher_routes")
+                inputs = self.signals_collator.add_signals(dict(inputs), keys, slice(None), routes)
+        scores, outputs = self._scores(model, inputs, need_logits=return_outputs)
+        mask = scores.mask
         t = self.taid.t if self.taid is not None else None
-        divergence = self._divergence(logits, mask, inputs, t)
+        divergence = self._divergence(scores, inputs, t)
         parts = {"kd/loss": divergence}
         loss = divergence
         if args.sft_weight > 0:
-            parts["kd/sft"] = masked_mean(-token_logps(logits, labels), mask, args.loss_reduction)
+            parts["kd/sft"] = scores.nll(slice(None))
             loss = loss + args.sft_weight * parts["kd/sft"]
         training = self.model.training
         parts["kd/completion_tokens"] = mask.sum(-1).float().mean()
         if training:
-            parts["kd/on_policy_fraction"] = torch.tensor(float(on_policy), device=logits.device)
+            parts["kd/on_policy_fraction"] = torch.tensor(float(on_policy), device=scores.device)
         if t is not None:
-            parts["taid/t"] = torch.tensor(t, device=logits.device)
+            parts["taid/t"] = torch.tensor(t, device=scores.device)
         recorded = record_metrics(self, parts)
         if t is not None and training:
             self.taid.update(recorded["kd/loss"], self.state.global_step, self.state.max_steps)

@@ -32,10 +32,13 @@ from align_distill.losses import kd_loss, masked_mean, moe_balancing_loss, topk_
 from align_distill.losses.divergence import chunked_token_map
 from align_distill.models.moe import PROJECTOR_NAMES, parameter_numel, set_d2s_trainable
 from align_distill.models.vocab import slice_logits_to_vocab
+from align_distill.teachers.signals import scatter_rows
+from align_distill.teachers.sources import SignalsRequest
 from align_distill.trainers.common import default_precision
 from align_distill.vocabulary import reject_ignored_fields
 
-from .common import prepare_frozen, response_view, scatter_rows
+from .common import prepare_frozen, response_view
+from .fused_heads import FusedLMHeadConfig, FusedLMHeadMixin, ResponseScores, head_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual")
 
 
 @dataclass
-class MoDMimicConfig(SFTConfig):
+class MoDMimicConfig(SFTConfig, FusedLMHeadConfig):
     r"""
     Configuration for [`MoDMimicTrainer`]: TRL's `SFTConfig` plus the mimic-distillation knobs.
 
@@ -64,7 +67,10 @@ class MoDMimicConfig(SFTConfig):
     balancing_convention (`str`, defaults to `"deepspeed"`):
         `deepspeed` (the method page's ℓ_aux, first choices, per layer) or `transformers` (the model's own aux loss).
     loss_chunk_size (`int`, *optional*):
-        Positions per chunk of the full-vocabulary KL (`None`: about 16 MiB per float32 intermediate).
+        Positions per chunk of the full-vocabulary KL, logits path (`None`: about 16 MiB per float32 intermediate).
+    fused_lm_head (`bool`, defaults to `True`):
+        KL, CE and token accuracy from hidden states and LM heads in vocabulary tiles, no `[B, T, V]` logits;
+        `False`: the logits path (`FusedLMHeadConfig`).
     loss_mode (`str`, defaults to `"paper"`):
         With a teacher-signal cache: `paper` (exact top-k + rest KL) or `official` (DCKD's clamps).
     teacher_name (`str`, *optional*):
@@ -234,13 +240,15 @@ def response_nll(
 # ---------------------------------------------------------------- trainer
 
 
-class MoDMimicTrainer(SFTTrainer):
+class MoDMimicTrainer(FusedLMHeadMixin, SFTTrainer):
     """TRL's SFTTrainer with LLaVA-MoD's mimic loss (see the module docstring).
 
     Args beyond `SFTTrainer`'s:
         teacher_model: the frozen dense teacher (same tokenizer / processor as the student); or
         teacher_signals: a `SignalsCache` (`align_distill.data_gen.load_signals`) over the same rows (`id` column),
-            used when no teacher model is given.
+            used when no teacher model is given; or
+        teacher_source: a top-k teacher source (`align_distill.teachers`, e.g. a `ServerTeacher`), text only.
+        With a cache or a source the mimic loss is the top-k form (`topk_kd_loss`).
     """
 
     _tag_names = ["trl", "sft", "align-distill", "llava-mod"]
@@ -252,12 +260,13 @@ class MoDMimicTrainer(SFTTrainer):
         teacher_model: nn.Module | None = None,
         args: MoDMimicConfig | None = None,
         teacher_signals: Any = None,
+        teacher_source: Any = None,
         **kwargs: Any,
     ):
         if args is None:
             raise ValueError("MoDMimicTrainer needs an MoDMimicConfig (args)")
-        if teacher_model is None and teacher_signals is None:
-            raise ValueError("MoDMimicTrainer needs a teacher_model or a teacher_signals cache")
+        if teacher_model is None and teacher_signals is None and teacher_source is None:
+            raise ValueError("MoDMimicTrainer needs a teacher_model, a teacher_signals cache or a teacher_source")
         if isinstance(model, str):
             raise TypeError("MoDMimicTrainer expects a loaded model (the trainable set is applied before training)")
         self.trainable_names = set_stage_trainable(model, args.stage)
@@ -274,9 +283,12 @@ class MoDMimicTrainer(SFTTrainer):
             text_config.router_aux_loss_coef = args.aux_loss_weight
         self._shared_vocab = len(self._tokenizer)
         self.teacher_signals = teacher_signals
+        self.teacher_source = teacher_source
         self.teacher_model = None
         if teacher_model is not None:
             self.teacher_model = prepare_frozen(teacher_model, self.accelerator, self.is_deepspeed_enabled)
+        elif teacher_source is not None:
+            return
         elif args.teacher_name is None:
             args.teacher_name = teacher_signals.teachers[0]["name"]
         if teacher_signals is not None and self.teacher_model is None:
@@ -294,6 +306,8 @@ class MoDMimicTrainer(SFTTrainer):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "id")}
         model_inputs["use_cache"] = False
+        if not return_outputs and self._fused_ready(model, self.teacher_model):
+            return self._fused_loss(model, inputs, model_inputs, row_ids)
         with self.router_logits as router:
             outputs = model(**model_inputs)
         logits, targets, mask = response_view(outputs.logits, inputs["input_ids"], labels != -100)
@@ -305,7 +319,10 @@ class MoDMimicTrainer(SFTTrainer):
             teacher_logits = slice_logits_to_vocab(teacher_logits, self._shared_vocab)
             kd = kd_loss(logits, teacher_logits, mask, divergence="forward_kl", chunk_size=args.loss_chunk_size)
         else:
-            ids, logprobs = self._cached_topk(row_ids, mask)
+            if self.teacher_source is not None:
+                ids, logprobs = self._source_topk(inputs, labels)
+            else:
+                ids, logprobs = self._cached_topk(row_ids, mask)
             kd = topk_kd_loss(logits, ids, logprobs, mask, mode=args.loss_mode, chunk_size=args.loss_chunk_size)
         loss = args.kd_weight * kd
         metrics = {"kd_loss": kd.detach()}
@@ -314,6 +331,43 @@ class MoDMimicTrainer(SFTTrainer):
             ce = masked_mean(response_nll(logits, targets, mask, args.loss_chunk_size), mask)
             loss = loss + args.sft_weight * ce
             metrics["ce_loss"] = ce.detach()
+        with torch.no_grad():
+            predicted = logits.argmax(-1)
+        loss = self._finish(loss, metrics, router, inputs, predicted, targets, mask, mode)
+        return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model, inputs, model_inputs, row_ids) -> torch.Tensor:
+        """`compute_loss` on the fused path: hidden states + LM heads (`fused_lm_head`), no `[B, T, V]` logits."""
+        args: MoDMimicConfig = self.args
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        forward = {k: v for k, v in model_inputs.items() if k != "use_cache"}
+        with self.router_logits as router:
+            student = self._fused_hidden(model, forward, self._shared_vocab)
+        targets, mask = inputs["input_ids"][:, 1:], (labels != -100)[:, 1:]
+        scores = ResponseScores(targets, mask, "token_mean", student=student)
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                teacher = self._fused_hidden(self.teacher_model, forward, self._shared_vocab)
+            kd = scores.kd(slice(None), teacher, divergence="forward_kl")
+        else:
+            if self.teacher_source is not None:
+                ids, logprobs = self._source_topk(inputs, labels)
+            else:
+                ids, logprobs = self._cached_topk(row_ids, mask)
+            kd = scores.topk_kd(slice(None), ids, logprobs, mode=args.loss_mode)
+        loss = args.kd_weight * kd
+        metrics = {"kd_loss": kd.detach()}
+        if args.sft_weight:
+            ce = scores.nll(slice(None))
+            loss = loss + args.sft_weight * ce
+            metrics["ce_loss"] = ce.detach()
+        predicted = head_argmax(student, mask, targets)
+        return self._finish(loss, metrics, router, inputs, predicted, targets, mask, mode)
+
+    def _finish(self, loss, metrics, router, inputs, predicted, targets, mask, mode) -> torch.Tensor:
+        """The balancing loss added, metrics logged (losses, token accuracy from `predicted`, tokens seen)."""
+        args: MoDMimicConfig = self.args
         if router.logits and args.aux_loss_weight:
             aux = balancing_loss(
                 router.logits,
@@ -329,12 +383,21 @@ class MoDMimicTrainer(SFTTrainer):
             self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
         with torch.no_grad():
             n = mask.sum()
-            correct = ((logits.argmax(-1) == targets) & mask).sum()
+            correct = ((predicted == targets) & mask).sum()
             self._metrics[mode]["mean_token_accuracy"].append((correct / n.clamp(min=1)).item())
         if mode == "train":
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return (loss, outputs) if return_outputs else loss
+        return loss
+
+    def _source_topk(self, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher source's top-k ids / log-probs `[B, T-1, K]` on the batch's response tokens."""
+        input_ids = inputs["input_ids"]
+        keys = [("", "completion")] * input_ids.shape[0]
+        attention = inputs.get("attention_mask")
+        request = SignalsRequest(keys, input_ids.cpu(), (labels != -100).long().cpu(), attention)
+        signals = self.teacher_source.signals(request)
+        return signals.ids.to(input_ids.device), signals.logprobs.to(input_ids.device)
 
     def _cached_topk(self, row_ids: list[str] | None, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scatter the cache's top-k ids / log-probs of each row's completion onto the aligned `[B, T-1, K]` grid."""

@@ -24,8 +24,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
+from align_distill.data.tokens import encode_prompt_responses
 from align_distill.losses import teacher_ref_preference_loss
-from align_distill.trainers.common import DPO_LOSS_OPTIONS, DPO_REFERENCE_SYNC, default_precision
+from align_distill.teachers.sources import SignalsRequest
+from align_distill.trainers.common import (
+    DPO_LOSS_OPTIONS,
+    DPO_REFERENCE_SYNC,
+    default_precision,
+    right_padded_batch,
+)
 from align_distill.vocabulary import reject_ignored_fields
 
 from .mod_mimic import RouterLogits, balancing_loss, set_stage_trainable
@@ -309,4 +316,26 @@ def teacher_logps_from_signals(dataset: Any, signals: Any, teacher: str | None =
     return dataset.map(add)
 
 
-__all__ = ["MoDPreferenceConfig", "MoDPreferenceTrainer", "teacher_logps_from_signals"]
+def teacher_logps_from_source(dataset: Any, source: Any, tokenizer: Any, batch_size: int = 16) -> Any:
+    """`teacher_logps_from_signals` for a teacher source (e.g. a `ServerTeacher`): each row's chosen and rejected
+    response, tokenized by the contract of `data.tokens` (as the `signals` job does), scored by the source; the
+    sums of the response tokens' log-probs become `ref_chosen_logps` / `ref_rejected_logps` (text rows only)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def add(rows: dict[str, list[Any]]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for response in ("chosen", "rejected"):
+            pairs = encode_prompt_responses(tokenizer, rows["prompt"], rows[response])
+            batch = right_padded_batch(pairs, pad)
+            keys = [(str(i), response) for i in rows.get("id", range(len(pairs)))]
+            request = SignalsRequest(keys, batch["input_ids"], batch["completion_mask"], batch["attention_mask"])
+            signals = source.signals(request)
+            mask = batch["completion_mask"][:, 1:].bool()
+            sums = (signals.token_logprobs.double() * mask).sum(-1)
+            out[f"ref_{response}_logps"] = sums.tolist()
+        return out
+
+    return dataset.map(add, batched=True, batch_size=batch_size, desc="Teacher log-probs")
+
+
+__all__ = ["MoDPreferenceConfig", "MoDPreferenceTrainer", "teacher_logps_from_signals", "teacher_logps_from_source"]

@@ -99,12 +99,12 @@ def test_a_lora_student_trains_on_policy_and_saves_an_adapter(tiny_models, tmp_p
         (
             "teacher_mode: cache\nsignals_path: s\nlmbda: 0.5\n",
             "KDConfig: teacher_mode=cache is off-policy only (the cache holds the dataset's fixed completions), "
-            "found lmbda=0.5; use teacher_mode=live for on-policy samples or set lmbda: 0",
+            "found lmbda=0.5; use teacher_mode=model or server for on-policy samples or set lmbda: 0",
         ),
         (
             "teacher_model_name_or_path: t\ndivergence: kl\n",
             "KDConfig: unknown divergence 'kl'; expected one of forward_kl, reverse_kl, jsd, skew_forward_kl, "
-            "skew_reverse_kl, tvd, akl, taid",
+            "skew_reverse_kl, tvd, tvdpp, akl, taid",
         ),
         (
             "teacher_model_name_or_path: t\nloss_type: dft\n",
@@ -123,7 +123,16 @@ def test_a_bad_config_is_one_line(tmp_path, capsys, settings, message):
 
 def test_the_shipped_recipes_parse(tmp_path):
     names = [name for name in list_recipes() if name.startswith("kd/")]
-    assert names == ["kd/cache", "kd/off_policy", "kd/on_policy", "kd/on_policy_vllm"]
+    assert names == [
+        "kd/cache",
+        "kd/draft_on_policy",
+        "kd/draft_target_samples",
+        "kd/multi_teacher",
+        "kd/off_policy",
+        "kd/on_policy",
+        "kd/on_policy_vllm",
+        "kd/server",
+    ]
     parsed = {}
     for name in names:
         _, (data, training, model) = train_arguments("kd", ["--config", name, "--output_dir", str(tmp_path / name)])
@@ -131,7 +140,8 @@ def test_the_shipped_recipes_parse(tmp_path):
         assert data.dataset_name and model.model_name_or_path
     assert parsed["kd/cache"].teacher_mode == "cache" and parsed["kd/cache"].divergence == "taid"
     assert parsed["kd/on_policy"].lmbda == 0.5 and parsed["kd/on_policy"].divergence_params() == {"beta": 0.5}
-    assert parsed["kd/off_policy"].lmbda == 0.0 and parsed["kd/off_policy"].teacher_mode == "live"
+    assert parsed["kd/off_policy"].lmbda == 0.0 and parsed["kd/off_policy"].teacher_mode == "model"
+    assert parsed["kd/server"].teacher_mode == "server" and len(parsed["kd/multi_teacher"].teachers) >= 2
     vllm = parsed["kd/on_policy_vllm"]
     assert vllm.rollout_backend == "vllm" and vllm.lmbda == 1.0 and vllm.rollout_sync_steps == 1
     assert vllm.rollout_backend_kwargs["gpu_memory_utilization"] == 0.3

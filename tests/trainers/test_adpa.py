@@ -56,7 +56,7 @@ def build(tiny_models, tiny_tokenizer, store, out, **overrides):
 
 def live_settings(tiny_models, **overrides):
     return dict(
-        teacher_mode="live",
+        teacher_mode="model",
         teacher_model_name_or_path=str(tiny_models["teacher"]),
         reference_model_name_or_path=str(tiny_models["student"]),
         **overrides,
@@ -159,7 +159,7 @@ def test_errors_name_what_is_wrong(tiny_models, tiny_tokenizer, adpa_data, tmp_p
         build(
             tiny_models, tiny_tokenizer, adpa_data["signals_own"], tmp_path, signals_path=str(adpa_data["signals_own"])
         )
-    with pytest.raises(ValueError, match="rollout_steps > 0 .* use teacher_mode=live"):
+    with pytest.raises(ValueError, match="rollout_steps > 0 .* use teacher_mode=model or server"):
         tiny_args(ADPAConfig, tmp_path, signals_path="x", rollout_steps=1)
     # a rollout that is not the one the signals were computed on
     from align_distill.data_gen import load_store
@@ -214,10 +214,39 @@ def test_train_adpa_checks_response_rows_before_training(tiny_models, adpa_data,
             "adpa",
             model_name_or_path=str(tiny_models["student"]),
             dataset_name=str(path),
-            teacher_mode="live",
+            teacher_mode="model",
             teacher_model_name_or_path=str(tiny_models["teacher"]),
             reference_model_name_or_path=str(tiny_models["student"]),
         )
     assert "rollout.jsonl:row 2:column id: id" in str(error.value)
     assert "rollout.jsonl:row 3:column completion_ids: token id 1000000000 is outside" in str(error.value)
     assert not (tmp_path / "student").exists()
+
+
+@pytest.mark.slow
+def test_served_teacher_and_reference_give_the_in_process_loss(tiny_models, tiny_tokenizer, adpa_data, tmp_path):
+    """Paper mode: the reference's server is asked for its full vocabulary and read at the DPO teacher's ids."""
+    from tests.teachers.teacher_server import TeacherServer
+
+    servers = [
+        TeacherServer(load_model(tiny_models[name], dtype="float32", frozen=True), tiny_tokenizer)
+        for name in ("teacher", "student")
+    ]
+    try:
+        rollout = adpa_data["rollout"]
+        in_process = build(tiny_models, tiny_tokenizer, rollout, tmp_path / "m", **live_settings(tiny_models))
+        served = build(
+            tiny_models, tiny_tokenizer, adpa_data["rollout"], tmp_path / "s", teacher_mode="server",
+            teacher_server_url=servers[0].url, reference_server_url=servers[1].url,
+        )  # fmt: skip
+        examples = [in_process.train_dataset[i] for i in range(4)]
+        losses = []
+        for trainer in (in_process, served):
+            trainer.model.train()
+            with torch.no_grad():
+                losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(examples)).item())
+        assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+        assert servers[1].completions > 0  # the reference was asked (gathered at the teacher's ids)
+    finally:
+        for server in servers:
+            server.stop()

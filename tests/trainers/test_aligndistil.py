@@ -11,7 +11,13 @@ from datasets import Dataset
 
 from align_distill import synthetic
 from align_distill.losses import aligndistil_loss
-from align_distill.trainers.aligndistil import AlignDistilConfig, AlignDistilTrainer, kept_positions, scored_rows
+from align_distill.trainers.aligndistil import (
+    AlignDistilConfig,
+    AlignDistilTrainer,
+    batch_loss,
+    kept_positions,
+    scored_rows,
+)
 from align_distill.trainers.common import response_view
 
 
@@ -347,3 +353,40 @@ def test_vllm_rollout_engine_receives_the_student_weights(tiny_models, teacher_p
     finally:
         if trainer.generator is not None:
             trainer.generator.close()
+
+
+@pytest.mark.slow
+def test_served_models_give_the_in_process_loss_and_train(tiny_models, teacher_pair, pairs, tmp_path):
+    """`teacher_mode: server`: both models' full rows come from their servers (stand-ins of vLLM) and give the loss
+    of the models in process."""
+    from align_distill.models import load_model, load_tokenizer
+    from tests.teachers.teacher_server import TeacherServer
+
+    tokenizer = load_tokenizer(tiny_models["student"])
+    servers = [
+        TeacherServer(load_model(teacher_pair[name], dtype="float32", frozen=True), tokenizer)
+        for name in ("dpo", "rev")
+    ]
+    try:
+        in_process = _trainer(tiny_models, teacher_pair, pairs, tmp_path / "m", blockwise_lm_head=False)
+        served = AlignDistilTrainer(
+            model=load_model(tiny_models["student"], dtype="float32"),
+            args=_config(tmp_path / "s", max_steps=1, teacher_mode="server", teacher_server_url=servers[0].url,
+                         reference_server_url=servers[1].url),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+        )  # fmt: skip
+        batch = _first_batch(in_process)
+        with torch.no_grad():
+            expected = batch_loss(*models_of(in_process), batch, in_process.args, in_process.vocab_size)[0]
+            got = batch_loss(*models_of(served), batch, served.args, served.vocab_size)[0]
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+        served.train()
+        assert served.state.global_step == 1 and all(s.completions > 0 for s in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def models_of(trainer: AlignDistilTrainer) -> tuple:
+    return trainer.model, trainer.dpo_model, trainer.rev_dpo_model

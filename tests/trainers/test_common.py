@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from align_distill.trainers.common import gather_rows, response_view, scatter_rows, student_weights
+from align_distill.teachers.signals import scatter_rows
+from align_distill.trainers.common import gather_rows, response_view, student_weights
 
 
 def test_response_view_aligns_logits_with_next_tokens():

@@ -120,7 +120,7 @@ def test_live_mode_trains(tiny_models, tiny_tokenizer, dckd_data, tmp_path):
         tiny_tokenizer,
         dckd_data["pairs"],
         tmp_path,
-        teacher_mode="live",
+        teacher_mode="model",
         teacher_model_name_or_path=str(tiny_models["teacher"]),
         rejected_kl_weight=0.0,
     )
@@ -148,7 +148,7 @@ def test_cached_signals_at_full_vocabulary_give_the_live_loss(tiny_models, tiny_
         tiny_tokenizer,
         dckd_data["pairs"],
         tmp_path / "l",
-        teacher_mode="live",
+        teacher_mode="model",
         loss_mode=mode,
         teacher_model_name_or_path=str(tiny_models["teacher"]),
         signals_top_k=len(tiny_tokenizer),
@@ -208,8 +208,8 @@ def test_a_batch_whose_tokens_differ_from_the_cache_raises(tiny_models, tiny_tok
 def test_config_checks_the_teacher_source(tmp_path):
     with pytest.raises(ValueError, match="teacher_mode=cache needs signals_path"):
         tiny_args(DCKDConfig, tmp_path)
-    with pytest.raises(ValueError, match="teacher_mode=live needs teacher_model_name_or_path"):
-        tiny_args(DCKDConfig, tmp_path, teacher_mode="live")
+    with pytest.raises(ValueError, match="teacher_mode=model needs teacher_model_name_or_path"):
+        tiny_args(DCKDConfig, tmp_path, teacher_mode="model")
 
 
 @pytest.mark.slow

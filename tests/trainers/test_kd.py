@@ -67,7 +67,7 @@ def kd_data(tiny_models, tmp_path_factory):
 
 
 def build(tiny_models, tiny_tokenizer, rows: Path, out: Path, **overrides) -> KDTrainer:
-    if overrides.get("teacher_mode", "live") == "live":
+    if overrides.get("teacher_mode", "model") == "model":
         overrides.setdefault("teacher_model_name_or_path", str(tiny_models["teacher"]))
     return KDTrainer(
         model=load_model(tiny_models["student"], dtype="float32"),
@@ -276,11 +276,11 @@ def test_config_errors_are_clear(tmp_path):
         tiny_args(tmp_path, teacher_model_name_or_path="t", divergence="kl")
     with pytest.raises(ValueError, match="`beta` is a parameter of jsd, not of divergence forward_kl"):
         tiny_args(tmp_path, teacher_model_name_or_path="t", beta=0.5)
-    with pytest.raises(ValueError, match="teacher_mode=live needs teacher_model_name_or_path"):
+    with pytest.raises(ValueError, match="teacher_mode=model needs teacher_model_name_or_path"):
         tiny_args(tmp_path)
     with pytest.raises(ValueError, match="lmbda must lie in"):
         tiny_args(tmp_path, teacher_model_name_or_path="t", lmbda=1.5)
-    with pytest.raises(ValueError, match="cache holds the teacher's log-probs at temperature 1"):
+    with pytest.raises(ValueError, match="teacher_mode=cache gives the teacher's log-probs at temperature 1"):
         tiny_args(tmp_path, teacher_mode="cache", signals_path="s", temperature=2.0)
     config = tiny_args(tmp_path, teacher_model_name_or_path="t", divergence="skew_reverse_kl")
     assert config.divergence_params() == {"alpha": 0.1}

@@ -425,3 +425,61 @@ def test_pd_stage_trains_a_lora_adapter_and_mimic_stages_refuse_lora(tiny_models
             dataset_name=str(pairs),
             **lora,
         )
+
+
+@pytest.mark.slow
+def test_mimic_and_preference_from_a_served_teacher(models, tmp_path):
+    """A `ServerTeacher` at k = V gives the mimic loss of the in-process teacher, and its summed response
+    log-probs for the preference stage are the teacher's own (stand-in server: tests/teachers/teacher_server.py)."""
+    from align_distill.data.tokens import encode_prompt_response
+    from align_distill.teachers.server import ServerTeacher
+    from align_distill.trainers.mod_preference import teacher_logps_from_source
+    from tests.teachers.teacher_server import TeacherServer
+
+    tokenizer, teacher, student = models
+    server = TeacherServer(teacher, tokenizer)
+    try:
+        source = ServerTeacher(server.url, tokenizer, len(tokenizer))
+        live = _mimic(copy.deepcopy(student), teacher, tokenizer, tmp_path)
+        args = MoDMimicConfig(**{**COMMON, "output_dir": str(tmp_path)})
+        served = MoDMimicTrainer(
+            model=copy.deepcopy(student), teacher_source=source, args=args, train_dataset=sft_data(),
+            processing_class=tokenizer,
+        )  # fmt: skip
+        batch = _one_batch(live)
+        live_loss = live.compute_loss(live.model, dict(batch)).item()
+        assert served.compute_loss(served.model, dict(batch)).item() == pytest.approx(live_loss, rel=1e-4)
+
+        data = teacher_logps_from_source(pair_data(4), source, tokenizer)
+        for row, served_row in zip(pair_data(4), data):
+            for response in ("chosen", "rejected"):
+                prompt, answer = encode_prompt_response(tokenizer, row["prompt"], row[response])
+                ids = torch.tensor([prompt + answer])
+                with torch.no_grad():
+                    logprobs = teacher(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                expected = logprobs.gather(-1, ids[0, 1:, None])[len(prompt) - 1 :].sum().item()
+                assert served_row[f"ref_{response}_logps"] == pytest.approx(expected, rel=1e-4)
+        source.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_mod_method_trains_d2d_and_pd_against_a_served_teacher(models, tiny_models, tmp_path, run_method):
+    """`align-distill train mod` with `teacher_server_url` and no teacher model: d2d asks the server every batch,
+    pd scores the pairs once before training."""
+    from tests.teachers.teacher_server import TeacherServer
+
+    tokenizer, teacher, _ = models
+    server = TeacherServer(teacher, tokenizer)
+    try:
+        sft = _write_jsonl(tmp_path / "sft.jsonl", synthetic.sft_rows(8, seed=0))
+        pairs = _write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(8, seed=1))
+        common = {"model_name_or_path": str(tiny_models["student"]), "teacher_server_url": server.url}
+        run_method("mod", stage="d2d", dataset_name=str(sft), signals_top_k=8, max_steps=1, **common)
+        asked = server.completions
+        assert asked >= 4  # one request per row of the step's batch
+        run_method("mod", stage="pd", dataset_name=str(pairs), max_steps=1, output_dir=str(tmp_path / "pd"), **common)
+        assert server.completions >= asked + 16  # chosen and rejected of every pair, once
+    finally:
+        server.stop()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import numpy as np
 
 from align_distill.data.tokens import Prompt
 
@@ -59,16 +61,40 @@ class Completion:
     error: str | None = None  # why, when finish_reason == "error" (a backend's `record_failures`)
 
 
-@dataclass
+@dataclass(eq=False)
 class TokenScores:
-    """Teacher signals for one response: per response token t,
+    """Teacher signals for one response of T tokens, as numpy arrays: per response token t,
     `token_logprobs[t]` = log p(response token t | prefix), `topk_ids[t]` / `topk_logprobs[t]` the K most likely
-    ids (or the ids asked for in `gather_ids`) and their log-probs, `rest_logmass[t]` = log(1 − Σ_k p_k)."""
+    ids (or the ids asked for in `gather_ids`) and their log-probs, `rest_logmass[t]` = log(1 − Σ_k p_k).
 
-    token_logprobs: list[float]
-    topk_ids: list[list[int]]
-    topk_logprobs: list[list[float]]
-    rest_logmass: list[float] = field(default_factory=list)
+    Shapes and dtypes: `token_logprobs` / `rest_logmass` `[T]` float64, `topk_ids` `[T, K]` int64,
+    `topk_logprobs` `[T, K]` float64. Arrays, not Python lists: a backend converts a whole batch once (a list per
+    token was the largest cost of the `signals` job around a small teacher's forward). float64 holds each engine's
+    values exactly (the float32 of a local model, the numbers a server sent), as the Python floats did before.
+    Nested lists given to the constructor are converted (the vLLM and OpenAI backends build them per position)."""
+
+    token_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    rest_logmass: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        self.token_logprobs = np.asarray(self.token_logprobs, dtype=np.float64)
+        self.topk_ids = _per_token(self.topk_ids, np.int64)
+        self.topk_logprobs = _per_token(self.topk_logprobs, np.float64)
+        self.rest_logmass = np.asarray(self.rest_logmass, dtype=np.float64)
+
+    def __eq__(self, other: object) -> bool:
+        """Exactly equal arrays, field by field (the dataclass `==` cannot compare arrays)."""
+        if not isinstance(other, TokenScores):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
+def _per_token(values: Any, dtype: type) -> np.ndarray:
+    """`[T, K]` array of `values`; an empty response (no tokens) gives `[0, 0]`."""
+    array = np.asarray(values, dtype=dtype)
+    return array.reshape(0, 0) if array.size == 0 and array.ndim < 2 else array
 
 
 class Generator(ABC):
@@ -90,8 +116,9 @@ class Generator(ABC):
         gather_ids: list[list[list[int]]] | None = None,
     ) -> list[TokenScores]:
         """Log-probs of each response token given its prompt + previous response tokens. With `gather_ids`
-        (per row, per response token, K ids), log-probs are taken at exactly those ids instead of this model's
-        own top-k (e.g. the reference model at the DPO teacher's top-k ids)."""
+        (per row, per response token, K ids: a `[T, K]` array such as another `TokenScores.topk_ids`, or nested
+        lists), log-probs are taken at exactly those ids instead of this model's own top-k (e.g. the reference
+        model at the DPO teacher's top-k ids)."""
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> int:
         """Replace the model's weights by `(name, tensor)` pairs (names of the plain transformers model) and return

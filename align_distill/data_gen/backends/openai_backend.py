@@ -209,6 +209,11 @@ class OpenAIGenerator(Generator):
             raise ServerUnreachableError(f"could not reach the server at {url} after {attempts} attempts: {problem}")
         raise ServerError(f"POST {url} still failing after {attempts} attempts: {problem}")
 
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """One POST to `base_url + path` with this generator's retries, deadline and key: the parsed JSON answer
+        (for endpoints beyond generation and scoring, e.g. a teacher source's `/tokenize` probe)."""
+        return self._call(self._post(path, body))
+
     def _body_excerpt(self, response: httpx.Response, limit: int = 500) -> str:
         """The server's error message (JSON `error.message` / `message` / `detail` when present), redacted."""
         text = response.text

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -359,24 +360,28 @@ class TransformersGenerator(Generator):
                 targets[i, width - len(response_ids[r]) :] = torch.tensor(response_ids[r])
         token_logprobs = logprobs.gather(-1, targets.to(logprobs.device)[..., None])[..., 0]
         if gather_ids is not None:
-            k = max((len(gather_ids[r][0]) for r in rows if gather_ids[r]), default=1)
+            asked = [np.asarray(gather_ids[r], dtype=np.int64) for r in rows]  # [T, K] arrays or nested lists
+            k = max((a.shape[-1] for a in asked if len(a)), default=1)
             ids = torch.zeros((len(rows), width, k), dtype=torch.long)
-            for i, r in enumerate(rows):
-                if gather_ids[r]:
-                    ids[i, width - len(gather_ids[r]) :] = torch.tensor(gather_ids[r], dtype=torch.long)
+            for i, a in enumerate(asked):
+                if len(a):
+                    ids[i, width - len(a) :] = torch.from_numpy(a)
             ids = ids.to(logprobs.device)
             values = logprobs.gather(-1, ids)
         else:
             values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
-        rest = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)  # log of the mass outside `ids`
-        token_logprobs, ids, values, rest = (t.cpu() for t in (token_logprobs, ids, values, rest))
+        # log of the mass outside `ids`; in place: the log-probs are not read again (no second [B, R, V] tensor)
+        rest = logprobs.scatter_(-1, ids, float("-inf")).logsumexp(-1)
+        # one conversion for the chunk; each row's TokenScores holds views of these arrays
+        ids_np = ids.cpu().numpy()
+        token_np, values_np, rest_np = (t.cpu().double().numpy() for t in (token_logprobs, values, rest))
         for i, r in enumerate(rows):
             start = width - len(response_ids[r])
             results[r] = TokenScores(
-                token_logprobs=token_logprobs[i, start:].tolist(),
-                topk_ids=ids[i, start:].tolist(),
-                topk_logprobs=values[i, start:].tolist(),
-                rest_logmass=rest[i, start:].tolist(),
+                token_logprobs=token_np[i, start:],
+                topk_ids=ids_np[i, start:],
+                topk_logprobs=values_np[i, start:],
+                rest_logmass=rest_np[i, start:],
             )
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
@@ -249,6 +250,8 @@ class VLLMGenerator(Generator):
                 raise ValueError(
                     f"score: row {row} has {len(gather_ids[row])} gather_ids positions for {len(r)} response tokens"
                 )
+        if gather_ids is not None:  # vLLM's requests take plain ints (a signals job passes [T, K] arrays)
+            gather_ids = [np.asarray(g, dtype=np.int64).tolist() for g in gather_ids]
         if gather_ids is not None and self.supports_token_id_scoring:
             return self._score_token_ids(prompt_ids, response_ids, gather_ids)
         if gather_ids is None:

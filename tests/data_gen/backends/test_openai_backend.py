@@ -15,6 +15,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 import pytest
 
 from align_distill.data.tokens import encode_prompt
@@ -392,9 +393,9 @@ def test_score_reads_vllm_prompt_logprobs(server):
         (scores,) = gen.score([[1, 2]], [[3, 4]], top_k=2)
         assert server.requests[0][2] == {"model": "fake-model", "prompt": [1, 2, 3, 4], "max_tokens": 1,
                                          "temperature": 0.0, "prompt_logprobs": 2}  # fmt: skip
-        assert scores.token_logprobs == [pytest.approx(math.log(0.1))] * 2
-        assert scores.topk_ids == [[8, 9], [8, 9]]
-        assert scores.rest_logmass == [pytest.approx(math.log(0.3))] * 2
+        assert scores.token_logprobs.tolist() == [pytest.approx(math.log(0.1))] * 2
+        assert scores.topk_ids.tolist() == [[8, 9], [8, 9]]
+        assert scores.rest_logmass.tolist() == [pytest.approx(math.log(0.3))] * 2
         with pytest.raises(NotImplementedError, match="gather mode"):
             gen.score([[1]], [[2]], top_k=2, gather_ids=[[[2]]])
         server.default = ok_reply  # a server without the extension
@@ -462,7 +463,7 @@ def test_server_logprobs_equal_the_offline_engine(served, vllm_generator, tiny_t
     online = chat.score(prompt_ids, responses, top_k=5)
     offline = vllm_generator.score(prompt_ids, responses, top_k=5)
     for a, b in zip(online, offline):
-        assert a.topk_ids == b.topk_ids
+        assert np.array_equal(a.topk_ids, b.topk_ids)
         for x, y in ((a.token_logprobs, b.token_logprobs), (a.rest_logmass, b.rest_logmass)):
             assert x == pytest.approx(y, abs=1e-5)
         assert [v for row in a.topk_logprobs for v in row] == pytest.approx(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,16 +89,16 @@ def test_score_matches_a_direct_forward_pass(teacher):
     for p, r, got, one in zip(prompts, responses, batched, single):
         exact = direct_logprobs(teacher.model, p, r)
         values, ids = torch.topk(exact, k)
-        assert one.topk_ids == ids.tolist()  # unpadded: the very same computation
-        assert torch.allclose(torch.tensor(one.topk_logprobs), values, atol=1e-5)
+        assert one.topk_ids.tolist() == ids.tolist()  # unpadded: the very same computation
+        assert torch.allclose(torch.from_numpy(one.topk_logprobs).float(), values, atol=1e-5)
         # padded batch: same ids up to float noise; values equal the exact log-probs at the returned ids
         got_ids = torch.tensor(got.topk_ids)
-        assert torch.allclose(exact.gather(-1, got_ids), torch.tensor(got.topk_logprobs), atol=1e-4)
-        assert (torch.tensor(got.topk_logprobs)[:, -1] >= values[:, -1] - 1e-4).all()
+        assert torch.allclose(exact.gather(-1, got_ids), torch.from_numpy(got.topk_logprobs).float(), atol=1e-4)
+        assert (torch.from_numpy(got.topk_logprobs).float()[:, -1] >= values[:, -1] - 1e-4).all()
         target = exact.gather(-1, torch.tensor(r)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(got.token_logprobs), target, atol=1e-4)
+        assert torch.allclose(torch.from_numpy(got.token_logprobs).float(), target, atol=1e-4)
         rest = torch.log1p(-exact.gather(-1, got_ids).exp().sum(-1))
-        assert torch.allclose(torch.tensor(got.rest_logmass), rest, atol=1e-3)
+        assert torch.allclose(torch.from_numpy(got.rest_logmass).float(), rest, atol=1e-3)
 
 
 def test_gather_mode_equals_direct_gather(teacher, tiny_models):
@@ -109,10 +110,10 @@ def test_gather_mode_equals_direct_gather(teacher, tiny_models):
     for p, r, o, g in zip(prompts, responses, own, gathered):
         exact = direct_logprobs(student.model, p, r)
         ids = torch.tensor(o.topk_ids)
-        assert g.topk_ids == o.topk_ids
-        assert torch.allclose(torch.tensor(g.topk_logprobs), exact.gather(-1, ids), atol=1e-4)
+        assert np.array_equal(g.topk_ids, o.topk_ids)
+        assert torch.allclose(torch.from_numpy(g.topk_logprobs).float(), exact.gather(-1, ids), atol=1e-4)
         assert torch.allclose(
-            torch.tensor(g.rest_logmass), torch.log1p(-exact.gather(-1, ids).exp().sum(-1)), atol=1e-3
+            torch.from_numpy(g.rest_logmass).float(), torch.log1p(-exact.gather(-1, ids).exp().sum(-1)), atol=1e-3
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,14 +70,14 @@ def test_scores_from_prompt_logprobs_ranks_and_gathers():
         "4": {"logprob": math.log(0.3), "rank": 2},
     }
     top = scores_from_prompt_logprobs([position], [7], top_k=3)
-    assert top.topk_ids == [[3, 4, 9]]
-    assert top.token_logprobs == [pytest.approx(math.log(0.05))]
-    assert top.rest_logmass == [pytest.approx(math.log(0.2))]
+    assert top.topk_ids.tolist() == [[3, 4, 9]]
+    assert top.token_logprobs.tolist() == [pytest.approx(math.log(0.05))]
+    assert top.rest_logmass.tolist() == [pytest.approx(math.log(0.2))]
     gathered = scores_from_prompt_logprobs([position], [7], top_k=3, gather_ids=[[9, 3, 12345]])
-    assert gathered.topk_ids == [[9, 3, 12345]]
-    assert gathered.topk_logprobs[0][:2] == [pytest.approx(math.log(0.1)), pytest.approx(math.log(0.4))]
+    assert gathered.topk_ids.tolist() == [[9, 3, 12345]]
+    assert gathered.topk_logprobs[0][:2].tolist() == [pytest.approx(math.log(0.1)), pytest.approx(math.log(0.4))]
     assert gathered.topk_logprobs[0][2] == -math.inf  # not in this model's distribution
-    assert gathered.rest_logmass == [pytest.approx(math.log(0.5))]
+    assert gathered.rest_logmass.tolist() == [pytest.approx(math.log(0.5))]
     with pytest.raises(ValueError, match="response token 8 at position 0 missing"):
         scores_from_prompt_logprobs([position], [8], top_k=3, where="row 0")
     with pytest.raises(ValueError, match="1 scored positions for 2 response tokens"):
@@ -134,7 +135,7 @@ def test_transformers_backend_and_vllm_agree(vllm_generator, tiny_models, tiny_t
                     y = torch.tensor(getattr(b, field), dtype=torch.float64)
                     torch.testing.assert_close(x, y, atol=LOGPROB_TOL, rtol=0, msg=f"{field} with {list(kwargs)}")
                 if "gather_ids" in kwargs:
-                    assert a.topk_ids == b.topk_ids
+                    assert np.array_equal(a.topk_ids, b.topk_ids)
 
 
 @pytest.mark.vllm
@@ -177,7 +178,7 @@ def test_gather_scores_match_transformers(vllm_generator, hf_teacher, tiny_token
     scores = vllm_generator.score(prompt_ids, response_ids, top_k=4, gather_ids=gather)
     for p, r, g, s in zip(prompt_ids, response_ids, gather, scores):
         ref = hf_logprobs(hf_teacher, p, r)
-        assert s.topk_ids == g
+        assert s.topk_ids.tolist() == g
         got = torch.tensor(s.topk_logprobs, dtype=torch.float64)
         assert torch.isneginf(got[:, 3]).all()
         torch.testing.assert_close(

@@ -86,6 +86,63 @@ def test_signals_equal_a_direct_forward_pass(preference_file, tiny_models, model
         cache.verify(rows[0]["id"], cache[rows[0]["id"]].prompt_ids.tolist(), "chosen", [1, 2, 3])
 
 
+def lists_path_signals(model, prompt_ids: list[int], response_ids: list[int], k: int, gather: list | None):
+    """One teacher on one unpadded row (the job's batch of one) by the path the signals job took when TokenScores
+    held Python lists: log_softmax, top-k (or the gathered ids), the rest by scatter + logsumexp, `.tolist()`,
+    then the cache's fp16 from those lists. The stored bytes must not depend on how the values travel."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.inference_mode():
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(ids.shape[1])[None],
+            logits_to_keep=len(response_ids) + 1,
+            use_cache=False,
+        ).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token = logprobs.gather(-1, torch.tensor(response_ids)[None, :, None])[..., 0]
+    if gather is None:
+        values, top = torch.topk(logprobs, k, dim=-1)
+    else:
+        top = torch.tensor([gather], dtype=torch.long)
+        values = logprobs.gather(-1, top)
+    rest = logprobs.scatter(-1, top, float("-inf")).logsumexp(-1)
+
+    def fp16(values: list) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32).reshape(-1).astype(np.float16)
+
+    return {
+        "topk_ids": top[0].tolist(),
+        "topk_logprobs": fp16(values[0].tolist()),
+        "rest_logmass": fp16(rest[0].tolist()),
+        "token_logprobs": fp16(token[0].tolist()),
+    }
+
+
+def test_cached_signals_are_bit_identical_to_the_lists_path(preference_file, tiny_models, models, tmp_path):
+    k = 6
+    ones = {name: TransformersGenerator(g.model, g.tokenizer, batch_size=1) for name, g in models.items()}
+    config = {"input": preference_file, "output_dir": str(tmp_path / "sig"), "signals_top_k": k, "progress": False}
+    out = run_job_with(ones, {**config, "teachers": teachers(tiny_models)})
+    table = load_store(out).with_format("arrow")[:]
+    cache = load_signals(out)
+    compared = 0
+    for i, row_id in enumerate(table.column("id").to_pylist()):
+        prompt = cache[row_id].prompt_ids.tolist()
+        for response in ("chosen", "rejected"):
+            response_ids = cache[row_id].responses[response].response_ids.tolist()
+            dpo = lists_path_signals(models["dpo"].model, prompt, response_ids, k, None)
+            ref = lists_path_signals(models["ref"].model, prompt, response_ids, k, dpo["topk_ids"])
+            stored_ids = table.column(f"{response}_dpo_topk_ids")[i].values.to_numpy(zero_copy_only=False)
+            assert stored_ids.dtype == np.uint16 and stored_ids.tolist() == np.ravel(dpo["topk_ids"]).tolist()
+            for teacher, want in (("dpo", dpo), ("ref", ref)):
+                for key in ("topk_logprobs", "rest_logmass", "token_logprobs"):
+                    got = table.column(f"{response}_{teacher}_{key}")[i].values.to_numpy(zero_copy_only=False)
+                    assert got.dtype == np.float16 and got.tobytes() == want[key].tobytes(), (row_id, teacher, key)
+                    compared += got.size
+    assert compared > 0
+
+
 def run_job_with(models, config):
     from align_distill.data_gen.jobs import run_signals
 
