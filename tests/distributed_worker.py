@@ -296,10 +296,17 @@ def fused_zero3(out: str) -> int:
         })
     report = {"num_processes": state.num_processes, "gathers": len(gathers), "steps": results}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report, indent=2))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--fused-zero3":
-        sys.exit(fused_zero3(sys.argv[2]))
+        code = fused_zero3(sys.argv[2])
+        # A bare DeepSpeed engine leaves a native thread running; the interpreter's teardown then aborts the process
+        # ("terminate called without an active exception") after the results are written. Skip that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(main(sys.argv[1]))
