@@ -16,7 +16,28 @@ from align_distill.data_gen import load_store, run_job
 from align_distill.synthetic import prompt_rows
 
 
+def _own_tqdm_locks() -> None:
+    """Give this forked child tqdm locks of its own. tqdm's default write lock holds a multiprocessing semaphore
+    shared with the parent (and a thread lock copied in whatever state the parent's threads had it): a child killed
+    while creating a progress bar would leave the semaphore taken, and the parent's next progress bar (a model
+    load's) would wait for it forever."""
+    import threading
+    from multiprocessing import RLock
+
+    from tqdm import tqdm
+    from tqdm.std import TqdmDefaultWriteLock
+
+    TqdmDefaultWriteLock.mp_lock, TqdmDefaultWriteLock.th_lock = RLock(), threading.RLock()
+    classes = [tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls is tqdm or "_lock" in vars(cls):
+            cls.set_lock(TqdmDefaultWriteLock())
+
+
 def _job(config: dict) -> None:
+    _own_tqdm_locks()
     run_job("sample", config)
 
 
