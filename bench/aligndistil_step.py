@@ -10,16 +10,19 @@ Variants:
   models,
   the loss on full tensors (`bench.loss_kernels._naive_aligndistil`: probabilities, log-probabilities, teacher
   logits, products), rows selected by the mask afterwards.
-- `chunked`: `align_distill.trainers.aligndistil.batch_loss`, the trainer's own code with its defaults: the three
-  forwards stop at the final hidden states, and the scored rows are projected to logits one block at a time
-  (`blockwise_lm_head`), each block going through `aligndistil_loss` (chunked, forward-time gradients).
+- `fused`: `align_distill.trainers.aligndistil.batch_loss`, the trainer's own code with its defaults
+  (`fused_lm_head`): the three forwards stop at the final hidden states and `fused_aligndistil_loss` projects the
+  heads in vocabulary tiles (no `[rows, V]` logits at all).
+- `chunked`: the logits path's memory saver (`fused_lm_head=False`, `blockwise_lm_head` automatic): the scored rows
+  are projected to logits one block at a time, each block going through `aligndistil_loss` (chunked, forward-time
+  gradients).
 - `chunked_span_logits`: the same with `blockwise_lm_head=False`: the models' forwards project the span of scored
   rows (`logits_to_keep`), the chunked loss runs on those `[B, span, V]` logits.
 - `chunked_full_logits`: the chunked loss on full logits (no `logits_to_keep`), to separate the effects.
 
 Memory: each variant runs in a fresh subprocess (the method of `bench/loss_kernels.py`): `extra_mb` = peak RSS −
 RSS after building the models and the batch, i.e. what the step adds (logits, activations, gradients). Time: median
-of `repeats` steps after a first one. Goals (issue 5): chunked ≤ 0.3× naive peak memory, ≤ 1.1× time.
+of `repeats` steps after a first one. Goals (issue 5): the default ≤ 0.3× naive peak memory, ≤ 1.1× time.
 
 Run: `python -m bench.aligndistil_step` (V=49152, T=1024) or `--quick` (V=8192, T=256); `run(quick)` returns rows.
 """
@@ -33,7 +36,7 @@ from types import SimpleNamespace
 
 from bench.common import run_worker
 
-VARIANTS = ["naive", "chunked", "chunked_span_logits", "chunked_full_logits"]
+VARIANTS = ["naive", "fused", "chunked", "chunked_span_logits", "chunked_full_logits"]
 QUICK = {"seq": 256, "vocab": 8192}
 ISSUE = {"seq": 1024, "vocab": 49152}
 
@@ -81,9 +84,10 @@ def _step_fn(name: str, student, teachers, batch, vocab: int, chunk_size: int | 
 
     settings = SimpleNamespace(
         beta=0.1, tvd_scale=10.0, eps=1e-3, tvd_half=False, variant="adaptive", ratio=None,
-        official_alignment=False, loss_chunk_size=chunk_size, blockwise_lm_head=None,
+        official_alignment=False, loss_chunk_size=chunk_size, blockwise_lm_head=None, fused_lm_head=False,
     )  # fmt: skip
     span = SimpleNamespace(**{**vars(settings), "blockwise_lm_head": False})
+    fused_settings = SimpleNamespace(**{**vars(settings), "fused_lm_head": True})
     ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
 
     def full(model):
@@ -101,13 +105,16 @@ def _step_fn(name: str, student, teachers, batch, vocab: int, chunk_size: int | 
             dpo, rev = full(teachers[0])[:, :-1], full(teachers[1])[:, :-1]
         return aligndistil_loss(logits, dpo, rev, mask, chunk_size=chunk_size)
 
+    def fused():
+        return batch_loss(student, teachers[0], teachers[1], batch, fused_settings, vocab)[0]
+
     def chunked():
         return batch_loss(student, teachers[0], teachers[1], batch, settings, vocab)[0]
 
     def chunked_span_logits():
         return batch_loss(student, teachers[0], teachers[1], batch, span, vocab)[0]
 
-    table = {"naive": naive, "chunked": chunked, "chunked_span_logits": chunked_span_logits}
+    table = {"naive": naive, "fused": fused, "chunked": chunked, "chunked_span_logits": chunked_span_logits}
     return {**table, "chunked_full_logits": chunked_full_logits}[name]
 
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     # AlignDistil (docs/methods/aligndistil.md)
     "aligndistil_teacher": "aligndistil",
     "aligndistil_loss": "aligndistil",
+    "aligndistil_stats": "aligndistil",
     # LLaVA-MoD (docs/methods/llava_mod.md)
     "teacher_ref_preference_loss": "preference",
     "moe_balancing_loss": "moe",

@@ -109,12 +109,29 @@ def aligndistil_loss(
     loss = masked_mean(weighted, mask, reduction)
     if not return_stats:
         return loss
+    return loss, aligndistil_stats(alpha, kl, mask, beta0, tvd_scale, eps, tvd_half, variant)
+
+
+def aligndistil_stats(
+    alpha: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta0: float,
+    tvd_scale: float,
+    eps: float,
+    tvd_half: bool,
+    variant: Variant,
+) -> dict[str, torch.Tensor]:
+    """The statistics of `aligndistil_loss(return_stats=True)` from per-position α and KL(π_θ ‖ π*) (any shape
+    of `mask`): one definition for the logits and the fused forms."""
+    mask = mask.bool()
+    alpha, kl = alpha.detach(), kl.detach()
     tvd_max = 1.0 if tvd_half else 2.0
     tvd = (alpha - eps) / tvd_scale
     adaptive = variant == "adaptive"
     at_lower = (tvd <= BOUND_TOLERANCE * tvd_max) & adaptive
     at_upper = (tvd >= (1 - BOUND_TOLERANCE) * tvd_max) & adaptive
-    stats = {
+    return {
         "alpha": masked_mean(alpha, mask),
         "beta": masked_mean(torch.where(mask, beta0 / alpha.clamp(min=torch.finfo(alpha.dtype).tiny), 0.0), mask),
         "kl": masked_mean(kl, mask),
@@ -122,4 +139,3 @@ def aligndistil_loss(
         "alpha_at_upper": masked_mean(at_upper.to(alpha.dtype), mask),
         "alpha_at_bounds": masked_mean((at_lower | at_upper).to(alpha.dtype), mask),
     }
-    return loss, stats

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .adpa import _official_rows as adpa_official_rows
 from .adpa import _paper_rows as adpa_paper_rows
-from .aligndistil import Variant
+from .aligndistil import Variant, aligndistil_stats
 from .divergence import compute_dtype
 from .divergences import Divergence, divergence_from_logprobs, divergence_params, finite, kl
 from .reduction import Reduction, masked_mean
@@ -349,13 +349,15 @@ def _divergence_passes(
     lse_s: torch.Tensor,
     tile_value: Callable[[torch.Tensor, slice, int, int], torch.Tensor],
     known_g: float | None = None,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Passes B and C of a divergence whose row value is the sum of `tile_value(z_s, rows, start, end)` over the
     vocabulary tiles (z_s: the student's logits tile; `lse_s`: its log-normalisers from pass A); returns the loss
-    Σ weights·values with its gradient."""
+    Σ weights·values with its gradient. `values` (zeros `[n]`, optional) receives the per-row values."""
     # Pass B: values and G = Σ_v ∂D/∂ln q_v per row. With a known G and a gradient to compute, pass C (which
     # projects every tile anyway) adds up the values instead, and pass B is skipped.
-    values, g_sum = plan.zeros(plan.rows), plan.zeros(plan.rows)
+    values = plan.zeros(plan.rows) if values is None else values
+    g_sum = plan.zeros(plan.rows)
     needs = _needs(student)
     values_in_c = any(needs) and known_g is not None
     if known_g is not None:
@@ -478,27 +480,31 @@ def _compact_loss(
     return _finish(values.detach(), weights, student, grads)
 
 
-def _student_signals(
+def _topk_form(
+    rows_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    names: str,
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     ids: torch.Tensor,
     signal: torch.Tensor,
     mask: torch.Tensor,
-    names: str,
     reduction: Reduction,
-    transform: dict,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
     vocab_tile: int | None,
     row_chunk: int | None,
-) -> tuple[Head, torch.Tensor, torch.Tensor, torch.Tensor, _Plan]:
-    """Checks and the counted rows of a top-k call: (student head, ids `[n, K]`, signal `[n, K]`, weights, plan)."""
+) -> torch.Tensor:
+    """The fused form of a top-k loss of the logits forms (`rows_fn`, see `_compact_loss`) on the student's head:
+    checks, the counted rows of ids `[n, K]` and signal `[n, K]`, the reduction's weights, then the passes."""
     rows = _rows(student_hidden, mask, "student_hidden")
     check_topk_signals(student_hidden, ids, signal, mask, names)  # reads only [B, T] of its first argument
-    student = _head(rows, student_weight, "student", **transform)
+    student = _head(rows, student_weight, "student", bias=bias, scale=scale, softcap=softcap)
     dtype = compute_dtype(student_hidden, student_weight, signal)
     plan = _plan(student, dtype, vocab_tile, row_chunk)
-    weights = _reduction_weights(mask, reduction, dtype)[mask.bool()]
     keep = mask.bool()
-    return student, ids[keep].long(), signal[keep].detach().to(dtype), weights, plan
+    weights = _reduction_weights(mask, reduction, dtype)[keep]
+    return _compact_loss(student, ids[keep].long(), signal[keep].detach().to(dtype), weights, plan, rows_fn)
 
 
 def fused_topk_kd_loss(
@@ -523,22 +529,11 @@ def fused_topk_kd_loss(
     divergences, ids ≥ V rule and reductions (except `none`) as `topk_kd_loss`; no temperature (the cache holds
     the teacher at τ = 1). Optional `student_bias`, `student_logit_scale`, `student_softcap` as `fused_kd_loss`.
     """
-    resolved = divergence_params(divergence, params)
-    rows_fn = topk_rows(mode, divergence, resolved)
-    transform = {"bias": student_bias, "scale": student_logit_scale, "softcap": student_softcap}
-    student, ids, logprobs, weights, plan = _student_signals(
-        student_hidden,
-        student_weight,
-        teacher_ids,
-        teacher_logprobs,
-        mask,
-        "teacher_ids,teacher_logprobs",
-        reduction,
-        transform,
-        vocab_tile,
-        row_chunk,
-    )
-    return _compact_loss(student, ids, logprobs, weights, plan, rows_fn)
+    rows_fn = topk_rows(mode, divergence, divergence_params(divergence, params))
+    return _topk_form(
+        rows_fn, "teacher_ids,teacher_logprobs", student_hidden, student_weight, teacher_ids, teacher_logprobs, mask,
+        reduction, student_bias, student_logit_scale, student_softcap, vocab_tile, row_chunk,
+    )  # fmt: skip
 
 
 def fused_adpa_loss(
@@ -560,20 +555,10 @@ def fused_adpa_loss(
     over the `adv_ids`/`adv_values [B, T, K]` of `adpa_advantages`, same modes and reductions (except `none`)."""
     if mode not in ("paper", "official"):
         raise ValueError(f"unknown mode {mode!r}; expected paper or official")
-    transform = {"bias": student_bias, "scale": student_logit_scale, "softcap": student_softcap}
-    student, ids, values, weights, plan = _student_signals(
-        student_hidden,
-        student_weight,
-        adv_ids,
-        adv_values,
-        mask,
-        "adv_ids,adv_values",
-        reduction,
-        transform,
-        vocab_tile,
-        row_chunk,
-    )
-    return _compact_loss(student, ids, values, weights, plan, adpa_rows[mode])
+    return _topk_form(
+        adpa_rows[mode], "adv_ids,adv_values", student_hidden, student_weight, adv_ids, adv_values, mask,
+        reduction, student_bias, student_logit_scale, student_softcap, vocab_tile, row_chunk,
+    )  # fmt: skip
 
 
 adpa_rows = {"paper": adpa_paper_rows, "official": adpa_official_rows}
@@ -595,26 +580,35 @@ def fused_aligndistil_loss(
     ratio: float | None = None,
     *,
     reduction: Reduction = "sequence_mean",
+    student_bias: torch.Tensor | None = None,
+    dpo_bias: torch.Tensor | None = None,
+    other_bias: torch.Tensor | None = None,
     vocab_tile: int | None = None,
     row_chunk: int | None = None,
-) -> torch.Tensor:
-    """`aligndistil_loss` from hidden states `[B, T, H_*]` and plain LM heads `[V, H_*]` of the student, the DPO
-    teacher and the other teacher (the reverse-DPO model; the SFT reference for `variant="theorem1"`): the same
-    β_t·KL(π_θ ‖ π*) and reductions (except `none`), without the three models' `[B, T, V]` logits.
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`aligndistil_loss` from hidden states `[B, T, H_*]` and linear LM heads `[V, H_*]` (optional biases `[V]`)
+    of the student, the DPO teacher and the other teacher (the reverse-DPO model; the SFT reference for
+    `variant="theorem1"`): the same β_t·KL(π_θ ‖ π*), reductions (except `none`) and, with `return_stats`, the same
+    statistics (`aligndistil_stats`), without the three models' `[B, T, V]` logits.
 
     π* and α come from tiles as well: the teachers' log-normalisers, then (adaptive) TVD_t = Σ_v |p_dpo − p_rev|
     and α_t, then the log-normaliser of z* = z_dpo + α_t·(z_dpo − z_rev) (theorem1: ratio·z_dpo + (1 − ratio)·z_ref);
-    the reverse KL runs through the passes of `fused_kd_loss`. No `return_stats` here (the trainer computes its
-    statistics on the logits path; see docs/performance.md).
+    the reverse KL runs through the passes of `fused_kd_loss`.
     """
     if variant not in ("adaptive", "contrastive", "theorem1"):
         raise ValueError(f"unknown variant {variant!r}; expected adaptive, contrastive or theorem1")
     if variant != "adaptive" and ratio is None:
         raise ValueError(f"variant {variant!r} needs a fixed ratio β0/β, found ratio=None")
     s_rows = _rows(student_hidden, mask, "student_hidden")
-    student = _head(s_rows, student_weight, "student")
-    dpo = _head(_rows(dpo_hidden, mask, "dpo_hidden").detach(), dpo_weight.detach(), "dpo")
-    other = _head(_rows(other_hidden, mask, "other_hidden").detach(), other_weight.detach(), "other")
+    student = _head(s_rows, student_weight, "student", bias=student_bias)
+
+    def frozen(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> Head:
+        bias = None if bias is None else bias.detach()
+        return _head(_rows(hidden, mask, f"{name}_hidden").detach(), weight.detach(), name, bias=bias)
+
+    dpo = frozen(dpo_hidden, dpo_weight, dpo_bias, "dpo")
+    other = frozen(other_hidden, other_weight, other_bias, "other")
     for name, head in (("dpo", dpo), ("other", other)):
         if head.weight.shape[0] != student_weight.shape[0]:
             raise ValueError(f"{name}_weight has V = {head.weight.shape[0]}, the student's {student_weight.shape[0]}")
@@ -650,7 +644,12 @@ def fused_aligndistil_loss(
         return kl(finite(z_s - lse_s[rows].unsqueeze(-1)), finite(log_target))
 
     weights = _reduction_weights(mask, reduction, dtype)[mask.bool()] * beta0 / alpha
-    return _divergence_passes(student, plan, weights, lse_s, tile_value)
+    kl_rows = plan.zeros(plan.rows)
+    loss = _divergence_passes(student, plan, weights, lse_s, tile_value, values=kl_rows)
+    if not return_stats:
+        return loss
+    counted = torch.ones(1, plan.rows, dtype=torch.bool, device=plan.device)  # the rows are the mask's positions
+    return loss, aligndistil_stats(alpha[None], kl_rows[None], counted, beta0, tvd_scale, eps, tvd_half, variant)
 
 
 def _nll_rows(logits: torch.Tensor, ids: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
@@ -676,10 +675,9 @@ def fused_token_nll(
     `[B, T, H]` and a head `[V, H]`, without the `[B, T, V]` logits: the one-id case of the top-k passes (the label's
     logit and the log-sum-exp of the rest, tile by tile; the gradient spread back per tile). Labels must be < V at
     the counted positions. Optional `bias`, `logit_scale`, `softcap` as `fused_kd_loss`."""
-    transform = {"bias": bias, "scale": logit_scale, "softcap": softcap}
     ids = labels.long().clamp(min=0).unsqueeze(-1)
-    student, ids, zeros, weights, plan = _student_signals(
-        hidden, weight, ids, torch.zeros(ids.shape, dtype=hidden.dtype, device=hidden.device), mask, "labels,labels",
-        reduction, transform, vocab_tile, row_chunk,
+    zeros = torch.zeros(ids.shape, dtype=hidden.dtype, device=hidden.device)
+    return _topk_form(
+        _nll_rows, "labels,labels", hidden, weight, ids, zeros, mask, reduction, bias, logit_scale, softcap,
+        vocab_tile, row_chunk,
     )  # fmt: skip
-    return _compact_loss(student, ids, zeros, weights, plan, _nll_rows)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -31,13 +32,19 @@ from trl import SFTConfig, SFTTrainer
 
 from align_distill.data.tokens import encode_prompt
 from align_distill.data_gen.backends import SamplingParams
-from align_distill.losses import aligndistil_loss, masked_mean
+from align_distill.losses import aligndistil_loss, fused_aligndistil_loss, masked_mean
 from align_distill.losses.divergence import default_chunk_size
 from align_distill.models import check_model_vocab, load_model, shared_vocab_size
 from align_distill.teachers.server import ServerTeacher
 from align_distill.teachers.sources import SignalsRequest, canonical_kind
 from align_distill.trainers.common import LossOnlyPrediction, default_precision, prepare_frozen, right_padded_batch
-from align_distill.trainers.fused_heads import final_hidden, plain_lm_head
+from align_distill.trainers.fused_heads import (
+    FusedLMHeadConfig,
+    FusedLMHeadMixin,
+    HiddenHead,
+    final_hidden,
+    plain_lm_head,
+)
 from align_distill.trainers.rollouts import ENGINE_BACKENDS, RolloutEngine, rollout_seeds, zero3_enabled
 from align_distill.vocabulary import reject_ignored_fields
 
@@ -50,7 +57,7 @@ DEFAULT_TVD_SCALE = {False: 10.0, True: 15.0}
 
 
 @dataclass
-class AlignDistilConfig(SFTConfig):
+class AlignDistilConfig(SFTConfig, FusedLMHeadConfig):
     r"""Configuration of [`AlignDistilTrainer`]: TRL's `SFTConfig` plus the AlignDistil teacher, loss and rollouts.
 
     Parameters:
@@ -98,11 +105,16 @@ class AlignDistilConfig(SFTConfig):
             the rows that predict the response tokens (P-1..P+|y|-2). For parity runs only.
         loss_chunk_size (`int`, *optional*):
             Positions per chunk of the full-vocabulary loss; default about 16 MiB of float32 per intermediate.
+        fused_lm_head (`bool`, defaults to `True`):
+            The loss from the three models' final hidden states and LM heads (`fused_aligndistil_loss`): the heads
+            are projected in vocabulary tiles, no `[rows, V]` logits exist, not even per block, and the statistics
+            are the same. Taken when every LM head is a plain linear layer without logit scaling or soft-capping
+            and the teachers run in this process; otherwise (and with `False`) the logits path below.
         blockwise_lm_head (`bool`, *optional*):
-            Project the three models' final hidden states to logits one block of scored rows at a time, so that no
-            `[rows, V]` logits of the whole batch ever exist (the loss keeps only its per-row gradients). `None`
-            (default): on when every LM head is a plain linear layer without logit scaling or soft-capping;
-            `False`: the models' own forwards compute the logits of the scored span.
+            The logits path's memory saver: project the three models' final hidden states to logits one block of
+            scored rows at a time, so that no `[rows, V]` logits of the whole batch ever exist (the loss keeps only
+            its per-row gradients). `None` (default): on when every LM head is a plain linear layer; `False`: the
+            models' own forwards compute the logits of the scored span.
 
         > Parameters that control on-policy rollouts (docs/methods/aligndistil.md §5.2)
 
@@ -286,6 +298,7 @@ def collate_prompts(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- loss of one batch --------------------------------------------------------------------------------------------
 
+
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab_size: int):
     out = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
@@ -322,14 +335,17 @@ def batch_loss(
     batch: dict[str, torch.Tensor],
     args: Any,
     vocab_size: int,
+    gather: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """AlignDistil loss of one right-padded batch: `(loss, stats, scored rows [B, L])`.
 
     `batch` holds `input_ids`, `attention_mask` and the response tokens as `completion_mask` (or SFT `labels`,
     -100 outside the response). `second_model` is the reverse-DPO model (the SFT reference for `theorem1`).
     `args` carries the loss settings of `AlignDistilConfig` (beta, tvd_scale, eps, tvd_half, variant, ratio,
-    official_alignment, loss_chunk_size, blockwise_lm_head). The forwards project only the span of scored rows
-    (`logits_to_keep`); blockwise (see `AlignDistilConfig.blockwise_lm_head`) they project no row at all and the
+    official_alignment, loss_chunk_size, fused_lm_head, blockwise_lm_head). The forwards project only the span of
+    scored rows (`logits_to_keep`). Fused (`fused_lm_head`, plain heads, teachers in process) they project no row
+    and `fused_aligndistil_loss` reads hidden states and heads; `gather(*HiddenHead)` (the trainer's ZeRO-3 head
+    gather, held through the backward) is called first. Blockwise (see `AlignDistilConfig.blockwise_lm_head`) the
     logits are made here, one block of scored rows at a time, and reduced by `masked_mean` like the loss does.
     """
     if "completion_mask" in batch:
@@ -340,11 +356,28 @@ def batch_loss(
     keep = kept_positions(rows)
     mask = rows[:, keep]
     settings, theorem1 = _loss_settings(args)
-    blockwise = getattr(args, "blockwise_lm_head", None)
     models = (student, dpo_model, second_model)
     served = isinstance(dpo_model, ServerTeacher)
+    plain = not served and all(plain_lm_head(m) for m in models)
+    if getattr(args, "fused_lm_head", False) and plain and mask.any():
+        views = [_hidden_head(student, batch, keep, vocab_size)]
+        with torch.no_grad():
+            views += [_hidden_head(m, batch, keep, vocab_size) for m in models[1:]]
+        if gather is not None:
+            gather(*views)
+        settings.pop("chunk_size")
+        loss, stats = fused_aligndistil_loss(
+            *(x for v in views for x in (v.hidden, v.weight)),
+            mask,
+            student_bias=views[0].bias,
+            dpo_bias=views[1].bias,
+            other_bias=views[2].bias,
+            **settings,
+        )
+        return loss, stats, rows
+    blockwise = getattr(args, "blockwise_lm_head", None)
     if blockwise is None:
-        blockwise = not served and all(plain_lm_head(m) for m in models)
+        blockwise = plain
     if not blockwise or not mask.any():
         student_logits = _logits(student, batch, keep, vocab_size)
         with torch.no_grad():
@@ -390,6 +423,12 @@ def batch_loss(
     return masked_mean(per_token, mask, "sequence_mean"), stats, rows
 
 
+def _hidden_head(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab_size: int):
+    """The fused path's view of one model: hidden states at the kept rows and its head, cut to the vocabulary."""
+    hidden, head = _hidden(model, batch, keep)
+    return HiddenHead(hidden, head.weight, head.bias, vocab_size)
+
+
 def _served_rows(
     source: ServerTeacher, batch: dict[str, torch.Tensor], completion_mask: torch.Tensor, keep: torch.Tensor
 ) -> torch.Tensor:
@@ -416,7 +455,7 @@ def _frozen_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep:
 # ---- trainer ------------------------------------------------------------------------------------------------------
 
 
-class AlignDistilTrainer(LossOnlyPrediction, SFTTrainer):
+class AlignDistilTrainer(FusedLMHeadMixin, LossOnlyPrediction, SFTTrainer):
     """TRL `SFTTrainer` whose loss is AlignDistil's; see the module docstring.
 
     Args:
@@ -557,7 +596,9 @@ class AlignDistilTrainer(LossOnlyPrediction, SFTTrainer):
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollout(inputs["prompts"]) if "prompts" in inputs else inputs
-        loss, stats, rows = batch_loss(model, self.dpo_model, self.rev_dpo_model, batch, self.args, self.vocab_size)
+        loss, stats, rows = batch_loss(
+            model, self.dpo_model, self.rev_dpo_model, batch, self.args, self.vocab_size, gather=self._gather_heads
+        )
         mode = "train" if self.model.training else "eval"
         for key, value in stats.items():
             self._metrics[mode][f"aligndistil/{key}"].append(self.accelerator.gather_for_metrics(value).mean().item())

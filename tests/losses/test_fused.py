@@ -4,6 +4,7 @@ The logits forms (`kd_loss`, `topk_kd_loss`, `adpa_loss`) are tested against pla
 the fused forms must give their value and gradients (hidden states, head weight, bias) within 1e-6 in float64 for
 every divergence of `DIVERGENCE_PARAMS` (read at collection time, so a divergence added there is tested here too),
 pass gradcheck, and be padding- and tile-size invariant, with tied embeddings and a LoRA adapter on the head.
+`fused_token_nll` (the trainers' fused SFT term) is checked against a plain loop over positions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from align_distill.losses import (
     fused_adpa_loss,
     fused_aligndistil_loss,
     fused_kd_loss,
+    fused_token_nll,
     fused_topk_kd_loss,
     kd_loss,
     topk_kd_loss,
@@ -199,13 +201,13 @@ def test_fused_topk_adpa_and_aligndistil_gradcheck():
     ids=["adaptive", "adaptive_half_token_mean", "contrastive", "theorem1"],
 )
 def test_fused_aligndistil_equals_aligndistil_loss(inputs, variant, extra):
+    """Value, gradients (hidden, weight, bias) and every statistic of `return_stats`, with a bias on each head."""
     x = inputs
     g = torch.Generator().manual_seed(9)
-    other_hidden, other_weight = (
-        torch.randn(B, T, 4, generator=g, dtype=torch.float64),
-        torch.randn(V, 4, generator=g, dtype=torch.float64),
+    other_hidden, other_weight, dpo_bias, other_bias = (
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, 4), (V, 4), (V,), (V,))
     )
-    fused = fused_aligndistil_loss(
+    fused, fused_stats = fused_aligndistil_loss(
         x["hs"],
         x["ws"],
         x["ht"],
@@ -215,22 +217,31 @@ def test_fused_aligndistil_equals_aligndistil_loss(inputs, variant, extra):
         x["mask"],
         variant=variant,
         tvd_scale=0.5,
+        student_bias=x["bias"],
+        dpo_bias=dpo_bias,
+        other_bias=other_bias,
+        return_stats=True,
         **extra,
         **TILES,
     )
-    other = other_hidden @ other_weight.T
+    other = other_hidden @ other_weight.T + other_bias
     rev, ref = (None, other) if variant == "theorem1" else (other, None)
-    reference = aligndistil_loss(
-        x["hs"] @ x["ws"].T,
-        x["ht"] @ x["wt"].T,
+    reference, reference_stats = aligndistil_loss(
+        x["hs"] @ x["ws"].T + x["bias"],
+        x["ht"] @ x["wt"].T + dpo_bias,
         rev,
         x["mask"],
         variant=variant,
         ref_logits=ref,
         tvd_scale=0.5,
+        return_stats=True,
         **extra,
     )
-    _assert_same(fused, reference, [x["hs"], x["ws"]])
+    _assert_same(fused, reference, [x["hs"], x["ws"], x["bias"]])
+    assert fused_stats.keys() == reference_stats.keys()
+    for key, value in reference_stats.items():
+        torch.testing.assert_close(fused_stats[key], value, atol=ATOL, rtol=0, msg=key)
+    assert reference_stats["kl"].item() > 0  # a real comparison: the student is not the teacher
 
 
 def test_tied_embedding_gets_both_gradients(inputs):
@@ -307,3 +318,38 @@ def test_errors_name_the_fix(inputs):
     ids, logprobs = _topk_signals(torch.Generator().manual_seed(8))
     with pytest.raises(ValueError, match="only supports divergence forward_kl"):
         fused_topk_kd_loss(x["hs"], x["ws"], ids, logprobs, x["mask"], "official", divergence="jsd")
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "sum"])
+def test_fused_token_nll_equals_a_plain_loop(reduction):
+    """`fused_token_nll` (the trainers' fused SFT term) against a loop over positions in float64: value and the
+    gradients of hidden states, weight and bias, with tiles smaller than the vocabulary and the rows."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(37, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 37, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    mask[0] = False  # a row with no counted token
+    fused = fused_token_nll(hidden, weight, labels, mask, reduction=reduction, bias=bias, vocab_tile=8, row_chunk=3)
+    per_row = []
+    for b in range(3):
+        terms = []
+        for t in range(5):
+            if mask[b, t]:
+                logits = weight @ hidden[b, t] + bias
+                terms.append(torch.logsumexp(logits, 0) - logits[labels[b, t]])
+        per_row.append(terms)
+    flat = [x for terms in per_row for x in terms]
+    if reduction == "token_mean":
+        expected = sum(flat) / len(flat)
+    elif reduction == "sum":
+        expected = sum(flat)
+    else:
+        means = [sum(terms) / len(terms) for terms in per_row if terms]
+        expected = sum(means) / len(means)
+    got = torch.autograd.grad(fused, (hidden, weight, bias))
+    want = torch.autograd.grad(expected, (hidden, weight, bias))
+    assert fused.item() == pytest.approx(expected.item(), rel=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -229,30 +229,71 @@ def test_official_alignment_scores_the_shifted_rows(tiny_models, teacher_pair, p
 
 
 @pytest.mark.slow
-def test_blockwise_lm_head_matches_the_models_own_logits(tiny_models, teacher_pair, pairs, tmp_path):
-    """Blockwise projection (several blocks: loss_chunk_size=5) = the forwards' logits: loss, stats and gradients."""
+@pytest.mark.parametrize("path", ["blockwise", "fused"])
+def test_lm_head_paths_match_the_models_own_logits(tiny_models, teacher_pair, pairs, tmp_path, path):
+    """The blockwise projection (several blocks: loss_chunk_size=5) and the fused loss (several vocabulary tiles and
+    row chunks) give the forwards' logits path's loss, statistics and gradients."""
+    from align_distill.losses import fused as fused_module
     from align_distill.trainers.aligndistil import batch_loss, plain_lm_head
 
     trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, loss_chunk_size=5)
     assert all(plain_lm_head(m) for m in (trainer.model, trainer.dpo_model, trainer.rev_dpo_model))
     batch = _first_batch(trainer)
-    results = {}
-    for blockwise in (True, False):
-        trainer.args.blockwise_lm_head = blockwise
-        trainer.model.zero_grad()
-        loss, stats, rows = batch_loss(
-            trainer.model, trainer.dpo_model, trainer.rev_dpo_model, batch, trainer.args, trainer.vocab_size
-        )
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
-        results[blockwise] = (loss.detach(), {k: v.detach() for k, v in stats.items()}, grads)
-    assert rows.sum() > 5  # several blocks
-    (loss_b, stats_b, grads_b), (loss_f, stats_f, grads_f) = results[True], results[False]
-    torch.testing.assert_close(loss_b, loss_f, rtol=1e-5, atol=1e-8)
-    for key in stats_f:
-        torch.testing.assert_close(torch.as_tensor(stats_b[key]), stats_f[key], rtol=1e-5, atol=1e-7)
-    for name in grads_f:
-        torch.testing.assert_close(grads_b[name], grads_f[name], rtol=1e-4, atol=1e-9)
+    settings = {
+        "logits": {"fused_lm_head": False, "blockwise_lm_head": False},
+        "blockwise": {"fused_lm_head": False, "blockwise_lm_head": True},
+        "fused": {"fused_lm_head": True, "blockwise_lm_head": False},
+    }
+    results, calls = {}, []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_module, "VOCAB_TILE", 7)
+        patch.setattr(fused_module, "ROW_CHUNK", 4)
+        for name in ("logits", path):
+            for key, value in settings[name].items():
+                setattr(trainer.args, key, value)
+            trainer.model.zero_grad()
+            loss, stats, rows = batch_loss(
+                trainer.model, trainer.dpo_model, trainer.rev_dpo_model, batch, trainer.args, trainer.vocab_size,
+                gather=lambda *views: calls.append(len(views)),
+            )  # fmt: skip
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+            results[name] = (loss.detach(), {k: torch.as_tensor(v).detach() for k, v in stats.items()}, grads)
+    assert calls == ([3] if path == "fused" else [])  # the fused path hands its three heads to the ZeRO-3 gather
+    assert rows.sum() > 5  # several blocks, row chunks
+    (loss_p, stats_p, grads_p), (loss_l, stats_l, grads_l) = results[path], results["logits"]
+    torch.testing.assert_close(loss_p, loss_l, rtol=1e-5, atol=1e-8)
+    assert stats_p.keys() == stats_l.keys()
+    for key in stats_l:
+        torch.testing.assert_close(stats_p[key].to(stats_l[key].dtype), stats_l[key], rtol=1e-5, atol=1e-7, msg=key)
+    for name in grads_l:
+        torch.testing.assert_close(grads_p[name], grads_l[name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+@pytest.mark.slow
+def test_the_fused_step_builds_no_rows_by_vocabulary_tensor(tiny_models, teacher_pair, pairs, tmp_path):
+    """Forward and backward of the default (fused) step: no operator returns a vocabulary-wide tensor of more than
+    one row chunk (4 rows here); the logits path returns one per scored row at least (the probe can fail)."""
+    from align_distill.losses import fused as fused_module
+    from tests.trainers.test_fused_step import LargestVocabularyTensor
+
+    trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path)
+    batch = _first_batch(trainer)
+    vocab = trainer.vocab_size
+    largest = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_module, "ROW_CHUNK", 4)
+        for fused in (True, False):
+            trainer.args.fused_lm_head, trainer.args.blockwise_lm_head = fused, False
+            with LargestVocabularyTensor(vocab) as probe:
+                loss, _, rows = batch_loss(
+                    trainer.model, trainer.dpo_model, trainer.rev_dpo_model, batch, trainer.args, vocab
+                )
+                loss.backward()
+            largest[fused] = probe.largest
+    assert rows.sum() > 4
+    assert 0 < largest[True] <= 4 * vocab
+    assert largest[False] >= rows.sum().item() * vocab
 
 
 @pytest.mark.slow

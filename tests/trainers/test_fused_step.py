@@ -107,6 +107,7 @@ def test_dckd_fused_step_equals_the_logits_step(tiny_models, tiny_tokenizer, dck
 @pytest.mark.parametrize(("mode", "signals"), [("paper", "signals"), ("official", "signals_own")])
 def test_adpa_fused_step_equals_the_logits_step(tiny_models, tiny_tokenizer, adpa_data, tmp_path, mode, signals):  # noqa: F811
     settings = {"signals_path": str(adpa_data[signals]), "loss_mode": mode}
+
     def make(fused):
         return adpa(tiny_models, tiny_tokenizer, adpa_data, tmp_path / str(fused), fused, PADDED_HEAD, **settings)
 
@@ -134,7 +135,7 @@ def test_kd_fused_step_equals_the_logits_step(tiny_models, tiny_tokenizer, kd_da
 
 class LargestVocabularyTensor(TorchDispatchMode):
     """The largest number of elements of any tensor over the vocabulary (last dim `vocab`) an operator returns
-    inside the block, forward and backward."""
+    inside the block, forward and backward; views (a head's `weight.T`) allocate nothing and are not counted."""
 
     def __init__(self, vocab: int) -> None:
         super().__init__()
@@ -142,6 +143,8 @@ class LargestVocabularyTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] == self.vocab:
                 self.largest = max(self.largest, tensor.numel())
@@ -267,40 +270,3 @@ def test_kd_lora_student_fused_step_equals_the_logits_step(tiny_models, tiny_tok
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=RTOL, atol=ATOL, msg=name)
     assert fused._fused_ready(fused.model, fused.teacher) == (targets[-1] != "lm_head")
-
-
-@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "sum"])
-def test_fused_token_nll_equals_a_plain_loop(reduction):
-    """`fused_token_nll` (the trainers' fused SFT term) against a loop over positions in float64: value and the
-    gradients of hidden states, weight and bias, with tiles smaller than the vocabulary and the rows."""
-    from align_distill.losses import fused_token_nll
-
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(37, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(37, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 37, (3, 5), generator=g)
-    mask = torch.rand(3, 5, generator=g) > 0.3
-    mask[0] = False  # a row with no counted token
-    fused = fused_token_nll(hidden, weight, labels, mask, reduction=reduction, bias=bias, vocab_tile=8, row_chunk=3)
-    per_row = []
-    for b in range(3):
-        terms = []
-        for t in range(5):
-            if mask[b, t]:
-                logits = weight @ hidden[b, t] + bias
-                terms.append(torch.logsumexp(logits, 0) - logits[labels[b, t]])
-        per_row.append(terms)
-    flat = [x for terms in per_row for x in terms]
-    if reduction == "token_mean":
-        expected = sum(flat) / len(flat)
-    elif reduction == "sum":
-        expected = sum(flat)
-    else:
-        means = [sum(terms) / len(terms) for terms in per_row if terms]
-        expected = sum(means) / len(means)
-    got = torch.autograd.grad(fused, (hidden, weight, bias))
-    want = torch.autograd.grad(expected, (hidden, weight, bias))
-    assert fused.item() == pytest.approx(expected.item(), rel=1e-12)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
