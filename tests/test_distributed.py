@@ -67,18 +67,37 @@ def worker_env() -> dict[str, str]:
     }
 
 
+def remove_shm_buffers(port: str | int) -> None:
+    """Delete the shared-memory all-reduce buffers DeepSpeed's CPU communication left for the job on `port`: it
+    does not unlink them at exit (~138 MB per launch in /dev/shm, which is memory)."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
+def launcher_port(command: list[str]) -> str | None:
+    for flag in ("--main_process_port", "--master_port"):
+        if flag in command:
+            return command[command.index(flag) + 1]
+    return None
+
+
 def run(command: list[str], log: Path, timeout: int = LAUNCH_TIMEOUT) -> None:
-    """Run a launcher in its own process group; on a timeout kill the whole group (launcher and ranks)."""
-    with open(log, "w") as handle:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=worker_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-            pytest.fail(f"{command[0]} timed out after {timeout}s; log:\n{log.read_text()[-6000:]}")
+    """Run a launcher in its own process group; on a timeout kill the whole group (launcher and ranks). Then remove
+    the job's shared-memory buffers (`remove_shm_buffers`)."""
+    try:
+        with open(log, "w") as handle:
+            process = subprocess.Popen(
+                command, cwd=REPO, env=worker_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+                pytest.fail(f"{command[0]} timed out after {timeout}s; log:\n{log.read_text()[-6000:]}")
+    finally:
+        if (port := launcher_port(command)) is not None:
+            remove_shm_buffers(port)
     if process.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {process.returncode}; log:\n{log.read_text()[-8000:]}")
 
@@ -557,14 +576,17 @@ def test_train_sh_deepspeed_launcher_trains_on_two_processes(tiny_models, dist_d
     )  # fmt: skip
     env = {"LAUNCHER": "deepspeed", "ZERO": "zero2", "NPROC_PER_NODE": str(WORLD), "MASTER_PORT": str(free_port())}
     log = tmp_path / "train.log"
-    with open(log, "w") as handle:
-        result = subprocess.run(
-            ["bash", str(REPO / "scripts" / "train.sh"), "sft", str(recipe)],
-            env=script_env(**env),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            timeout=LAUNCH_TIMEOUT,
-        )
+    try:
+        with open(log, "w") as handle:
+            result = subprocess.run(
+                ["bash", str(REPO / "scripts" / "train.sh"), "sft", str(recipe)],
+                env=script_env(**env),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=LAUNCH_TIMEOUT,
+            )
+    finally:
+        remove_shm_buffers(env["MASTER_PORT"])
     text = log.read_text()
     assert result.returncode == 0, text[-6000:]
     assert "'epoch': '0.5'" in text, text[-4000:]  # 4 of 8 rows in the one step: two processes, not one
