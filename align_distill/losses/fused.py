@@ -40,6 +40,10 @@ from .topk import Mode, check_topk_signals, topk_rows
 # of them) are what the peak holds besides the gradients.
 VOCAB_TILE = 2048
 ROW_CHUNK = 256
+# 16-bit heads get half-width tiles: the tiles' float32 temporaries do not shrink with the inputs, their gradients do.
+# At V = 49152, T = 2048, H = 576 in bf16, 2048-wide tiles held 2.33× the inputs' gradients at peak (extra over the
+# inputs, bench/fused_losses.json), 1024-wide 1.91× (bench/fused_losses_bf16.json), within the goal of 2×.
+VOCAB_TILE_16BIT = 1024
 # G = Σ_v ∂D/∂ln q_v where it is a constant: forward KL's is −Σ p = −1 (pass B then needs no autograd).
 KNOWN_G = {"forward_kl": -1.0}
 # Divergences whose tile values add up to the row's (TAID with its mixture's normaliser from pass A). Any other
@@ -246,7 +250,7 @@ def _plan(
 ) -> _Plan:
     """Tiles of a call on the student's counted rows: `vocab_tile`, `row_chunk` or the defaults (see `TILEWISE`)."""
     rows, vocab, device = student.hidden.shape[0], student.weight.shape[0], student.hidden.device
-    tile = vocab_tile or VOCAB_TILE
+    tile = vocab_tile or (VOCAB_TILE if student.weight.element_size() >= 4 else VOCAB_TILE_16BIT)
     chunk = row_chunk or ROW_CHUNK
     if tile < 1 or chunk < 1:
         raise ValueError(f"vocab_tile and row_chunk must be positive, found {tile} and {chunk}")

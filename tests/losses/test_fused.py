@@ -353,3 +353,15 @@ def test_fused_token_nll_equals_a_plain_loop(reduction):
     assert fused.item() == pytest.approx(expected.item(), rel=1e-12)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tile", [(torch.float32, "VOCAB_TILE"), (torch.bfloat16, "VOCAB_TILE_16BIT")])
+def test_default_vocabulary_tile_follows_the_head_dtype(dtype, tile):
+    """16-bit heads get the half-width default tile (their gradients are half the size, the float32 tiles are not);
+    an explicit `vocab_tile` wins either way."""
+    from align_distill.losses import fused
+
+    head = fused.Head(torch.zeros(3, 4, dtype=dtype), torch.zeros(50_000, 4, dtype=dtype))
+    assert fused.VOCAB_TILE_16BIT < fused.VOCAB_TILE
+    assert fused._plan(head, torch.float32, None, None).vocab_tile == getattr(fused, tile)
+    assert fused._plan(head, torch.float32, 300, None).vocab_tile == 300

@@ -351,37 +351,42 @@ class TransformersGenerator(Generator):
         gather_ids: list[list[list[int]]] | None,
         results: list[TokenScores | None],
     ) -> None:
-        """Top-k (or gathered) log-probs of rows whose responses are right-aligned in `logits` [B, R, V]."""
+        """Top-k (or gathered) log-probs of rows whose responses are right-aligned in `logits` [B, R, V].
+
+        Only the response positions are scored: a batch is sorted by prompt + response length, so its responses
+        differ in length, and the padding rows of `[B, R]` (often a third of them) would cost top-k work for
+        nothing. The positions go flat, row after row, and each row's `TokenScores` holds views of its segment."""
         width = logits.shape[1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if response_ids[r]:
-                targets[i, width - len(response_ids[r]) :] = torch.tensor(response_ids[r])
-        token_logprobs = logprobs.gather(-1, targets.to(logprobs.device)[..., None])[..., 0]
+        lengths = [len(response_ids[r]) for r in rows]
+        if not sum(lengths):
+            for r in rows:
+                results[r] = TokenScores([], [], [], [])
+            return
+        starts = width - torch.tensor(lengths)
+        counted = (torch.arange(width) >= starts[:, None]).to(logits.device)
+        logprobs = torch.log_softmax(logits[counted].float(), dim=-1)  # [n, V], the rows' positions in order
+        targets = torch.tensor([t for r in rows for t in response_ids[r]], dtype=torch.long)
+        token_logprobs = logprobs.gather(-1, targets.to(logprobs.device)[:, None])[:, 0]
         if gather_ids is not None:
             asked = [np.asarray(gather_ids[r], dtype=np.int64) for r in rows]  # [T, K] arrays or nested lists
-            k = max((a.shape[-1] for a in asked if len(a)), default=1)
-            ids = torch.zeros((len(rows), width, k), dtype=torch.long)
-            for i, a in enumerate(asked):
-                if len(a):
-                    ids[i, width - len(a) :] = torch.from_numpy(a)
-            ids = ids.to(logprobs.device)
+            ids = torch.from_numpy(np.concatenate([a for a in asked if len(a)])).to(logprobs.device)
             values = logprobs.gather(-1, ids)
         else:
             values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
-        # log of the mass outside `ids`; in place: the log-probs are not read again (no second [B, R, V] tensor)
+        # log of the mass outside `ids`; in place: the log-probs are not read again (no second [n, V] tensor)
         rest = logprobs.scatter_(-1, ids, float("-inf")).logsumexp(-1)
         # one conversion for the chunk; each row's TokenScores holds views of these arrays
         ids_np = ids.cpu().numpy()
         token_np, values_np, rest_np = (t.cpu().double().numpy() for t in (token_logprobs, values, rest))
-        for i, r in enumerate(rows):
-            start = width - len(response_ids[r])
+        end = 0
+        for r, length in zip(rows, lengths):
+            part = slice(end, end + length)
+            end += length
             results[r] = TokenScores(
-                token_logprobs=token_np[i, start:],
-                topk_ids=ids_np[i, start:],
-                topk_logprobs=values_np[i, start:],
-                rest_logmass=rest_np[i, start:],
+                token_logprobs=token_np[part],
+                topk_ids=ids_np[part],
+                topk_logprobs=values_np[part],
+                rest_logmass=rest_np[part],
             )
 
     def close(self) -> None:
