@@ -16,7 +16,8 @@ Positions (§5.3): the loss at response token t uses the logits row that *predic
 P-1..P+|y|-2 for prompt length P; the same rows as `trainers.common.response_view`). `official_alignment=True`
 scores the rows whose *input* is a response token (P..P+|y|-1), the released code's shifted mask, for parity runs.
 Only the span of scored rows is projected through the LM heads (`logits_to_keep`), so prompt rows never become
-`[*, V]` logits.
+`[*, V]` logits; by default (`fused_lm_head`) not even those: the three models stop at their final hidden states and
+`fused_aligndistil_loss` projects the heads in vocabulary tiles.
 """
 
 from __future__ import annotations
