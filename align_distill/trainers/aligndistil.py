@@ -337,6 +337,7 @@ def batch_loss(
     args: Any,
     vocab_size: int,
     gather: Callable[..., None] | None = None,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """AlignDistil loss of one right-padded batch: `(loss, stats, scored rows [B, L])`.
 
@@ -346,8 +347,10 @@ def batch_loss(
     official_alignment, loss_chunk_size, fused_lm_head, blockwise_lm_head). The forwards project only the span of
     scored rows (`logits_to_keep`). Fused (`fused_lm_head`, plain heads, teachers in process) they project no row
     and `fused_aligndistil_loss` reads hidden states and heads; `gather(*HiddenHead)` (the trainer's ZeRO-3 head
-    gather, held through the backward) is called first. Blockwise (see `AlignDistilConfig.blockwise_lm_head`) the
-    logits are made here, one block of scored rows at a time, and reduced by `masked_mean` like the loss does.
+    gather, held through the backward) is called first. `fused`: the trainer's decision (`_fused_ready`, which logs
+    why a head takes the logits path); None decides here from `args` and the heads. Blockwise (see
+    `AlignDistilConfig.blockwise_lm_head`) the logits are made here, one block of scored rows at a time, and reduced
+    by `masked_mean` like the loss does.
     """
     if "completion_mask" in batch:
         completion_mask = batch["completion_mask"].bool()
@@ -360,7 +363,9 @@ def batch_loss(
     models = (student, dpo_model, second_model)
     served = isinstance(dpo_model, ServerTeacher)
     plain = not served and all(plain_lm_head(m) for m in models)
-    if getattr(args, "fused_lm_head", False) and plain and mask.any():
+    if fused is None:
+        fused = getattr(args, "fused_lm_head", False) and plain
+    if fused and mask.any():
         views = [_hidden_head(student, batch, keep, vocab_size)]
         with torch.no_grad():
             views += [_hidden_head(m, batch, keep, vocab_size) for m in models[1:]]
@@ -597,8 +602,10 @@ class AlignDistilTrainer(FusedLMHeadMixin, LossOnlyPrediction, SFTTrainer):
     # -- loss -------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.rollout(inputs["prompts"]) if "prompts" in inputs else inputs
+        in_process = not isinstance(self.dpo_model, ServerTeacher)  # served rows are full log-probs: the logits path
+        fused = in_process and self._fused_ready(model, self.dpo_model, self.rev_dpo_model)
         loss, stats, rows = batch_loss(
-            model, self.dpo_model, self.rev_dpo_model, batch, self.args, self.vocab_size, gather=self._gather_heads
+            model, self.dpo_model, self.rev_dpo_model, batch, self.args, self.vocab_size, self._gather_heads, fused
         )
         mode = "train" if self.model.training else "eval"
         for key, value in stats.items():
