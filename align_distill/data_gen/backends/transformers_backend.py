@@ -84,6 +84,18 @@ class ExponentialRaceSampler(LogitsProcessor):
         return torch.log_softmax(scores.float(), dim=-1) - exponential.log().float()
 
 
+_MASK_ELEMENTS = 2**28
+"""Cap on (sequences × width²) of a shared-prompt batch: its [G, 1, W, W] attention mask (256 MiB as booleans)."""
+
+
+def prompt_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Indices of the entries with equal prompt ids, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for entry, prompt in enumerate(prompt_ids):
+        groups.setdefault(tuple(prompt), []).append(entry)
+    return list(groups.values())
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +123,10 @@ class TransformersGenerator(Generator):
         device: "auto", "cpu", "cuda", "cuda:1", ...
         batch_size: sequences per `generate` call / per scoring forward pass.
         max_batch_tokens: cap on (rows × padded length) per scoring forward pass, bounding activation memory.
-        logprob_budget_bytes: cap on the float32 log-prob tensor [rows, response length, vocabulary] built at once.
+        logprob_budget_bytes: cap on the float32 log-prob tensor [response tokens, vocabulary] built at once.
+        share_prompts: score the responses of one prompt (a preference row's chosen and rejected) in one sequence
+            that holds the prompt once, each response masked from the others (`shares_prompts` says when the model
+            allows it; otherwise one sequence per response).
     """
 
     def __init__(
@@ -127,11 +142,13 @@ class TransformersGenerator(Generator):
         revision: str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        share_prompts: bool = True,
     ):
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.logprob_budget_bytes = logprob_budget_bytes
+        self.share_prompts = share_prompts
         self._owns_model = not isinstance(model, PreTrainedModel)
         if isinstance(model, PreTrainedModel):
             self.model = model
@@ -281,7 +298,10 @@ class TransformersGenerator(Generator):
         gather_ids: list[list[list[int]]] | None = None,
     ) -> list[TokenScores]:
         """Per response token: its log-prob, the top-k (or `gather_ids`) ids and log-probs, and the log of the rest
-        mass, all at temperature 1 in float32, from one forward pass over prompt + response."""
+        mass, all at temperature 1 in float32, from one forward pass over prompt + response.
+
+        Entries with equal prompt ids (a preference row's chosen and rejected) are scored in one sequence, the prompt
+        once (`share_prompts`, see `shares_prompts`)."""
         if len(prompt_ids) != len(response_ids) or (gather_ids is not None and len(gather_ids) != len(prompt_ids)):
             raise ValueError("prompt_ids, response_ids (and gather_ids) must have one entry per row")
         if gather_ids is None and top_k < 1:
@@ -292,97 +312,171 @@ class TransformersGenerator(Generator):
             if gather_ids is not None and len(gather_ids[row]) != len(response):
                 raise ValueError(f"row {row}: {len(gather_ids[row])} gather rows for {len(response)} response tokens")
         results: list[TokenScores | None] = [None] * len(prompt_ids)
-        order = sorted(range(len(prompt_ids)), key=lambda r: -(len(prompt_ids[r]) + len(response_ids[r])))
-        batch: list[int] = []
-        for row in order:  # longest first: a batch's padded width is its first row's length
+        groups = prompt_groups(prompt_ids) if self.shares_prompts else [[e] for e in range(len(prompt_ids))]
+        shared = any(len(group) > 1 for group in groups)
+
+        def width(group: list[int]) -> int:
+            return len(prompt_ids[group[0]]) + sum(len(response_ids[e]) for e in group)
+
+        batch: list[list[int]] = []
+        entries = 0
+        for group in sorted(groups, key=lambda g: -width(g)):  # longest first: a batch's width is its first row's
             if batch:
-                width = len(prompt_ids[batch[0]]) + len(response_ids[batch[0]])
-                if len(batch) == self.batch_size or width * (len(batch) + 1) > self.max_batch_tokens:
+                rows, padded = len(batch) + 1, width(batch[0])
+                if (
+                    entries + len(group) > self.batch_size
+                    or padded * rows > self.max_batch_tokens
+                    or (shared and padded * padded * rows > _MASK_ELEMENTS)
+                ):
                     self._score_batch(batch, prompt_ids, response_ids, top_k, gather_ids, results)
-                    batch = []
-            batch.append(row)
+                    batch, entries = [], 0
+            batch.append(group)
+            entries += len(group)
         if batch:
             self._score_batch(batch, prompt_ids, response_ids, top_k, gather_ids, results)
         return results  # type: ignore[return-value]
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether entries with one prompt may share a sequence: asked for (`share_prompts`), and the model is one of
+        transformers' own with full causal attention in every layer under sdpa or eager attention, which take the
+        4D mask that keeps each response from seeing the others (a sliding window or flash attention would not)."""
+        config = self.model.config
+        layer_types = getattr(config, "layer_types", None)
+        full = (
+            all(kind == "full_attention" for kind in layer_types)
+            if layer_types is not None
+            else getattr(config, "sliding_window", None) is None
+        )
+        return (
+            self.share_prompts
+            and full
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and type(self.model).__module__.startswith("transformers.models.")
+        )
+
     def _score_batch(
         self,
-        rows: list[int],
+        groups: list[list[int]],
         prompt_ids: list[list[int]],
         response_ids: list[list[int]],
         top_k: int,
         gather_ids: list[list[list[int]]] | None,
         results: list[TokenScores | None],
     ) -> None:
-        sequences = [prompt_ids[r] + response_ids[r] for r in rows]
-        length = max(len(s) for s in sequences)
-        longest_response = max(len(response_ids[r]) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, sequence in enumerate(sequences):  # left padding: all responses end at the last position
-            input_ids[i, length - len(sequence) :] = torch.tensor(sequence)
-            attention[i, length - len(sequence) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        if longest_response == 0:
-            for r in rows:
-                results[r] = TokenScores([], [], [], [])
+        """One forward pass over `groups`, each a sequence [prompt, response, response, ...] of the entries that share
+        its prompt, left-padded so that every sequence ends at the last position. Position p predicts token p+1: a
+        response's first token is predicted at the prompt's last position, the others at the response's own."""
+        entries = [e for group in groups for e in group]
+        lengths = [len(response_ids[e]) for e in entries]
+        if not sum(lengths):
+            for e in entries:
+                results[e] = TokenScores([], [], [], [])
             return
-        # Only the last R+1 positions' logits are needed: position p predicts token p+1.
+        sequences, segments, positions = [], [], []
+        rows: list[np.ndarray] = []  # where each scored token is predicted: batch row and column of the kept window,
+        columns: list[np.ndarray] = []  # flat in entry order
+        keep = max(1 + sum(len(response_ids[e]) for e in group) for group in groups)  # last prompt token onwards
+        for g, group in enumerate(groups):
+            prompt = prompt_ids[group[0]]
+            shift = keep - len(prompt) - sum(len(response_ids[e]) for e in group)  # position q: column q + shift
+            sequence, segment, position = list(prompt), [0] * len(prompt), list(range(len(prompt)))
+            for j, e in enumerate(group):
+                response = response_ids[e]
+                start = shift + len(sequence)
+                if response:
+                    predicting = np.arange(start - 1, start + len(response) - 1)
+                    predicting[0] = shift + len(prompt) - 1
+                    columns.append(predicting)
+                    rows.append(np.full(len(response), g))
+                sequence += response
+                segment += [j + 1] * len(response)
+                position += range(len(prompt), len(prompt) + len(response))
+            sequences.append(sequence)
+            segments.append(segment)
+            positions.append(position)
+        padded = len(sequences[0])
+        input_ids = np.full((len(groups), padded), self.pad_id, dtype=np.int64)
+        segment_ids = np.full((len(groups), padded), -1, dtype=np.int64)
+        position_ids = np.zeros((len(groups), padded), dtype=np.int64)
+        for g, (sequence, segment, position) in enumerate(zip(sequences, segments, positions)):
+            input_ids[g, padded - len(sequence) :] = sequence
+            segment_ids[g, padded - len(sequence) :] = segment
+            position_ids[g, padded - len(sequence) :] = position
+        segment_tensor = torch.from_numpy(segment_ids)
+        if any(len(group) > 1 for group in groups):
+            attention = self._shared_prompt_mask(segment_tensor)
+        else:
+            attention = (segment_tensor >= 0).long()
         logits = self.model(
-            input_ids=input_ids.to(self.device),
+            input_ids=torch.from_numpy(input_ids).to(self.device),
             attention_mask=attention.to(self.device),
-            position_ids=positions.to(self.device),
-            logits_to_keep=longest_response + 1,
+            position_ids=torch.from_numpy(position_ids).to(self.device),
+            logits_to_keep=keep,
             use_cache=False,
-        ).logits[:, :-1]
-        width = longest_response
-        chunk = max(1, self.logprob_budget_bytes // (width * logits.shape[-1] * 4))
-        for first in range(0, len(rows), chunk):  # float32 log-probs of a few rows at a time: bounded memory
-            self._signals(
-                rows[first : first + chunk], logits[first : first + chunk], response_ids, top_k, gather_ids, results
-            )
+        ).logits
+        row_index = torch.from_numpy(np.concatenate(rows)).to(logits.device)
+        column_index = torch.from_numpy(np.concatenate(columns)).to(logits.device)
+        scored = [e for e, n in zip(entries, lengths) if n]
+        for e in entries:
+            if not len(response_ids[e]):
+                results[e] = TokenScores([], [], [], [])
+        budget = max(1, self.logprob_budget_bytes // (logits.shape[-1] * 4))  # float32 log-prob rows at once
+        first = token = 0
+        while first < len(scored):  # a few entries at a time: bounded memory, results independent of the split
+            last, count = first + 1, len(response_ids[scored[first]])
+            while last < len(scored) and count + len(response_ids[scored[last]]) <= budget:
+                count += len(response_ids[scored[last]])
+                last += 1
+            part = slice(token, token + count)
+            flat = logits[row_index[part], column_index[part]]
+            self._signals(scored[first:last], flat, response_ids, top_k, gather_ids, results)
+            first, token = last, token + count
+
+    def _shared_prompt_mask(self, segments: torch.Tensor) -> torch.Tensor:
+        """[G, 1, W, W] attention of packed sequences (`segments`: -1 padding, 0 prompt, j+1 response j): causal,
+        each response sees the prompt and itself only, a padding position itself only (no empty row, no NaN).
+        Boolean for sdpa, additive for eager attention."""
+        keys, queries = segments[:, None, :], segments[:, :, None]
+        width = segments.shape[-1]
+        allowed = (keys >= 0) & ((keys == 0) | (keys == queries))
+        allowed &= torch.ones(width, width, dtype=torch.bool).tril()
+        allowed |= torch.eye(width, dtype=torch.bool)
+        if self.model.config._attn_implementation == "eager":
+            dtype = self.model.dtype
+            return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return allowed[:, None]
 
     def _signals(
         self,
-        rows: list[int],
+        entries: list[int],
         logits: torch.Tensor,
         response_ids: list[list[int]],
         top_k: int,
         gather_ids: list[list[list[int]]] | None,
         results: list[TokenScores | None],
     ) -> None:
-        """Top-k (or gathered) log-probs of rows whose responses are right-aligned in `logits` [B, R, V].
-
-        Only the response positions are scored: a batch is sorted by prompt + response length, so its responses
-        differ in length, and the padding rows of `[B, R]` (often a third of them) would cost top-k work for
-        nothing. The positions go flat, row after row, and each row's `TokenScores` holds views of its segment."""
-        width = logits.shape[1]
-        lengths = [len(response_ids[r]) for r in rows]
-        if not sum(lengths):
-            for r in rows:
-                results[r] = TokenScores([], [], [], [])
-            return
-        starts = width - torch.tensor(lengths)
-        counted = (torch.arange(width) >= starts[:, None]).to(logits.device)
-        logprobs = torch.log_softmax(logits[counted].float(), dim=-1)  # [n, V], the rows' positions in order
-        targets = torch.tensor([t for r in rows for t in response_ids[r]], dtype=torch.long)
+        """Top-k (or gathered) log-probs of `entries` from `logits` [n, V]: the positions predicting their response
+        tokens, entry after entry; each entry's `TokenScores` holds views of its segment of one conversion."""
+        lengths = [len(response_ids[e]) for e in entries]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.tensor([t for e in entries for t in response_ids[e]], dtype=torch.long)
         token_logprobs = logprobs.gather(-1, targets.to(logprobs.device)[:, None])[:, 0]
         if gather_ids is not None:
-            asked = [np.asarray(gather_ids[r], dtype=np.int64) for r in rows]  # [T, K] arrays or nested lists
-            ids = torch.from_numpy(np.concatenate([a for a in asked if len(a)])).to(logprobs.device)
+            asked = [np.asarray(gather_ids[e], dtype=np.int64) for e in entries]  # [T, K] arrays or nested lists
+            ids = torch.from_numpy(np.concatenate(asked)).to(logprobs.device)
             values = logprobs.gather(-1, ids)
         else:
             values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
         # log of the mass outside `ids`; in place: the log-probs are not read again (no second [n, V] tensor)
         rest = logprobs.scatter_(-1, ids, float("-inf")).logsumexp(-1)
-        # one conversion for the chunk; each row's TokenScores holds views of these arrays
         ids_np = ids.cpu().numpy()
         token_np, values_np, rest_np = (t.cpu().double().numpy() for t in (token_logprobs, values, rest))
         end = 0
-        for r, length in zip(rows, lengths):
+        for e, length in zip(entries, lengths):
             part = slice(end, end + length)
             end += length
-            results[r] = TokenScores(
+            results[e] = TokenScores(
                 token_logprobs=token_np[part],
                 topk_ids=ids_np[part],
                 topk_logprobs=values_np[part],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from align_distill.data.tokens import encode_prompt, encode_prompt_response
-from align_distill.data_gen.backends import SamplingParams, make_generator
+from align_distill.data_gen.backends import SamplingParams, TokenScores, make_generator
 from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
 from align_distill.synthetic import prompt_rows
 
@@ -158,3 +158,89 @@ def test_load_weights_replaces_the_generators_model(tiny_models):
     assert not torch.allclose(torch.tensor(before), torch.tensor(want))
     with pytest.raises(KeyError, match="no parameter 'nope'"):
         engine.load_weights([("nope", torch.zeros(1))])
+
+
+def _shared_prompt_entries(tokenizer, n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """A preference row's chosen and rejected as two entries with one prompt (as the `signals` job gives them), one
+    row with a single response, and one entry whose response is empty."""
+    prompts, responses = [], []
+    for row in _pref(n):
+        for column in ("chosen", "rejected"):
+            prompt, response = encode_prompt_response(tokenizer, row["prompt"], row[column])
+            prompts.append(prompt)
+            responses.append(response)
+    lone = encode_prompt_response(tokenizer, [{"role": "user", "content": "count: a b"}], "a b")
+    return [*prompts, lone[0], prompts[0]], [*responses, lone[1], []]
+
+
+def _recorded_widths(generator: TransformersGenerator) -> list[tuple[int, int]]:
+    """The [rows, width] of each forward pass the generator's model runs from now on."""
+    shapes: list[tuple[int, int]] = []
+    forward = generator.model.forward
+
+    def recording(*args, **kwargs):
+        shapes.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
+        return forward(*args, **kwargs)
+
+    generator.model.forward = recording
+    return shapes
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompts_score_like_one_sequence_per_response(tiny_models, attention):
+    """The responses of one prompt packed into one sequence (each masked from the others) score as direct forward
+    passes of prompt + response do, with fewer tokens through the model; the log-prob budget splits nothing."""
+    shared = TransformersGenerator(str(tiny_models["teacher"]), batch_size=4, attn_implementation=attention)
+    apart = TransformersGenerator(
+        str(tiny_models["teacher"]), batch_size=4, attn_implementation=attention, share_prompts=False
+    )
+    assert shared.shares_prompts and not apart.shares_prompts
+    prompts, responses = _shared_prompt_entries(shared.tokenizer, 5)
+    widths, apart_widths = _recorded_widths(shared), _recorded_widths(apart)
+    got = shared.score(prompts, responses, top_k=6)
+    plain = apart.score(prompts, responses, top_k=6)
+    assert sum(r * w for r, w in widths) < 0.8 * sum(r * w for r, w in apart_widths)
+    assert max(r for r, _ in widths) <= 4 // 2  # batch_size counts responses: two per packed sequence
+    chunked = TransformersGenerator(shared.model, shared.tokenizer, batch_size=4, logprob_budget_bytes=1)
+    assert chunked.score(prompts, responses, top_k=6) == got
+    assert got[-1] == TokenScores([], [], [], []) and len(got) == len(prompts)
+    for p, r, one, other in zip(prompts[:-1], responses[:-1], got, plain):
+        exact = direct_logprobs(shared.model, p, r)
+        ids = torch.from_numpy(one.topk_ids)
+        assert torch.allclose(exact.gather(-1, ids), torch.from_numpy(one.topk_logprobs).float(), atol=1e-5)
+        assert (torch.from_numpy(one.topk_logprobs).float()[:, -1] >= torch.topk(exact, 6).values[:, -1] - 1e-5).all()
+        target = exact.gather(-1, torch.tensor(r)[:, None])[:, 0]
+        assert torch.allclose(torch.from_numpy(one.token_logprobs).float(), target, atol=1e-5)
+        np.testing.assert_allclose(one.rest_logmass, other.rest_logmass, atol=1e-4)
+        np.testing.assert_allclose(one.token_logprobs, other.token_logprobs, atol=1e-5)
+
+
+def test_shared_prompts_gather_at_another_teachers_ids(teacher, tiny_models):
+    student = make_generator("transformers", str(tiny_models["student"]), batch_size=3)
+    apart = TransformersGenerator(student.model, student.tokenizer, batch_size=3, share_prompts=False)
+    prompts, responses = _shared_prompt_entries(teacher.tokenizer, 3)
+    own = teacher.score(prompts, responses, top_k=5)
+    gathered = student.score(prompts, responses, top_k=5, gather_ids=[s.topk_ids for s in own])
+    reference = apart.score(prompts, responses, top_k=5, gather_ids=[s.topk_ids for s in own])
+    for g, o, ref in zip(gathered, own, reference):
+        assert np.array_equal(g.topk_ids, o.topk_ids)
+        np.testing.assert_allclose(g.topk_logprobs, ref.topk_logprobs, atol=1e-5)
+        np.testing.assert_allclose(g.rest_logmass, ref.rest_logmass, atol=1e-4)
+
+
+def test_prompts_are_not_shared_where_the_mask_would_be_wrong(tiny_models):
+    """A sliding window (the 4D mask would replace it) or an attention without 4D masks: one sequence per response."""
+    generator = TransformersGenerator(str(tiny_models["teacher"]), batch_size=4)
+    config = generator.model.config
+    config.layer_types = ["sliding_attention", *config.layer_types[1:]]
+    assert not generator.shares_prompts
+    config.layer_types = ["full_attention"] * len(config.layer_types)
+    assert generator.shares_prompts
+    config._attn_implementation = "flash_attention_2"
+    assert not generator.shares_prompts
+    config._attn_implementation = "sdpa"
+    prompts, responses = _shared_prompt_entries(generator.tokenizer, 2)
+    apart = TransformersGenerator(generator.model, generator.tokenizer, share_prompts=False)
+    widths = _recorded_widths(apart)
+    apart.score(prompts, responses, 3)
+    assert sum(r for r, _ in widths) == len(prompts)
