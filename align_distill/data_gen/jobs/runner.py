@@ -116,8 +116,10 @@ def run_store_job(
                 for i in range(0, len(todo), config.shard_size)
             ]
 
+            table_view = inputs.with_format("arrow")  # rows by index without `select`'s fingerprint of each chunk
+
             def read(chunk: list[int]) -> Any:
-                rows = inputs.select(chunk).to_list()
+                rows = table_view[chunk].to_pylist()
                 return rows if prepare is None else prepare(chunk, rows)
 
             ahead = preparer.submit(read, chunks[0][1]) if chunks else None
