@@ -123,15 +123,21 @@ def _generate_pair(generator: Any, prompts: list[Any], batches: list[list[list[i
     return counted["ours"], counted["raw"], ours_s, raw_s
 
 
-def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: int, k: int) -> list[dict]:
+def signals_throughput(
+    name: str, path: Path, folder: Path, source_rows: list[dict], batch_size: int, k: int, teacher: Any = None
+) -> tuple[dict, dict]:
+    """The `signals` job on `source_rows` raced against raw forwards of the teacher: over one sequence per response
+    in the job's batches (`raw_forward`, `raw_forward_topk`), and the job's own forward calls replayed
+    (`own_forward`: the same packed inputs, so `ratio_vs_own_forward` is the job's work around its forwards). Returns
+    the row and what the cache measurements reuse (`config`, `generators`, `job`, `out`, `cache`)."""
     from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
-    from align_distill.data_gen.jobs import load_signals, measured_bytes_per_token, run_signals
-    from align_distill.data_gen.store import store_metadata
-    from align_distill.synthetic import preference_rows
+    from align_distill.data_gen.jobs import load_signals, run_signals
 
-    source = folder / f"pref-{name}.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(rows_n, 11)))
-    teacher = TransformersGenerator(str(path), batch_size=batch_size, dtype="float32", device="cpu")
+    folder = Path(tempfile.mkdtemp(dir=folder))  # this call's input and stores
+    source = folder / f"signals-{name}.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in source_rows))
+    if teacher is None:
+        teacher = TransformersGenerator(str(path), batch_size=batch_size, dtype="float32", device="cpu")
     generators = {"teacher": teacher}
     runs = iter(range(10**6))
     config = {
@@ -143,9 +149,18 @@ def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: 
     }
 
     def job() -> Path:
-        return run_signals({**config, "output_dir": str(folder / f"sig-{name}-{next(runs)}")}, generators=generators)
+        return run_signals(
+            {**config, "output_dir": str(folder / f"{source.stem}-{next(runs)}")}, generators=generators
+        )
 
-    out = job()
+    model = teacher.model
+    calls: list[dict] = []
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(kwargs) or forward(*args, **kwargs)
+    try:
+        out = job()
+    finally:
+        model.forward = forward
     cache = load_signals(out)  # also gives the exact sequences the raw baselines run
     sequences, responses = [], []
     for row_id in cache:
@@ -156,7 +171,6 @@ def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: 
     tokens = sum(responses)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # the job's batching: longest first
     batches = [[sequences[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
-    model = teacher.model
 
     @torch.inference_mode()
     def raw_forward(topk: bool) -> None:
@@ -166,21 +180,43 @@ def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: 
             if topk:
                 torch.topk(torch.log_softmax(logits.float(), -1), k, dim=-1)
 
-    job_s, forward_s, topk_s = _race(job, lambda: raw_forward(False), lambda: raw_forward(True))
-    rows = [
-        {
-            "bench": "signals",
-            "model": name,
-            "rows": rows_n,
-            "response_tokens": tokens,
-            "top_k": k,
-            "job_tokens_per_s": round(tokens / job_s, 1),
-            "raw_forward_tokens_per_s": round(tokens / forward_s, 1),
-            "raw_forward_topk_tokens_per_s": round(tokens / topk_s, 1),
-            "ratio_vs_forward": round(forward_s / job_s, 3),
-            "ratio_vs_forward_topk": round(topk_s / job_s, 3),
-        }
-    ]
+    @torch.inference_mode()
+    def own_forward() -> None:
+        for kwargs in calls:
+            model(**kwargs)
+
+    job_s, forward_s, topk_s, own_s = _race(job, lambda: raw_forward(False), lambda: raw_forward(True), own_forward)
+    row = {
+        "bench": "signals",
+        "model": name,
+        "rows": len(source_rows),
+        "responses_per_row": len(cache.responses),
+        "response_tokens": tokens,
+        "top_k": k,
+        "share_prompts": teacher.shares_prompts,
+        "raw_forward_model_tokens": sum(len(b) * len(b[0]) for b in batches),
+        "job_model_tokens": sum(int(c["input_ids"].numel()) for c in calls),
+        "job_tokens_per_s": round(tokens / job_s, 1),
+        "raw_forward_tokens_per_s": round(tokens / forward_s, 1),
+        "raw_forward_topk_tokens_per_s": round(tokens / topk_s, 1),
+        "own_forward_tokens_per_s": round(tokens / own_s, 1),
+        "ratio_vs_forward": round(forward_s / job_s, 3),
+        "ratio_vs_forward_topk": round(topk_s / job_s, 3),
+        "ratio_vs_own_forward": round(own_s / job_s, 3),
+    }
+    return row, {"config": config, "generators": generators, "job": job, "out": out, "cache": cache}
+
+
+def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: int, k: int) -> list[dict]:
+    from align_distill.data_gen.jobs import load_signals, measured_bytes_per_token, run_signals
+    from align_distill.data_gen.store import store_metadata
+    from align_distill.synthetic import preference_rows
+
+    first, made = signals_throughput(name, path, folder, preference_rows(rows_n, 11), batch_size, k)
+    rows = [first]
+    config, generators, out, cache = made["config"], made["generators"], made["out"], made["cache"]
+    teacher = generators["teacher"]
+    tokens, model = first["response_tokens"], teacher.model
 
     # cache size and fidelity, with a second teacher gathered at the first one's ids
     two = run_signals(

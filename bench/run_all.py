@@ -53,6 +53,7 @@ IDENTITY_KEYS = (
     "size",
     "batch",
     "seq",
+    "responses_per_row",
 )
 CONTEXT_KEYS = ("vocab", "dtype", "threads")
 # ratio column: (legend text, y-axis text, which way is better)
@@ -65,6 +66,7 @@ RATIOS = {
     "ratio_paired": ("tokens/s ours / raw (paired)", "throughput ratio ours / raw", "higher"),
     "ratio_vs_forward": ("tokens/s vs raw forward", "throughput ratio ours / raw", "higher"),
     "ratio_vs_forward_topk": ("tokens/s vs raw forward + top-k", "throughput ratio ours / raw", "higher"),
+    "ratio_vs_own_forward": ("tokens/s vs the job's own forwards", "throughput ratio ours / raw", "higher"),
 }
 
 

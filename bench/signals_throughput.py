@@ -1,11 +1,15 @@
 """Benchmark: where the `signals` job's time goes, against a raw teacher forward over the same tokens.
 
 For each model (`tiny`: the tiny teacher; `small`: hidden 512, 8 layers, same tokenizer; `bench.common`), on the
-rows of `bench/generation.py`'s signals benchmark (preference rows, batch 16, k = 50, shards of 64 rows):
-- the job's and the raw forward's response tokens/s and their ratio (`bench.generation.bench_signals`, the
-  measurement behind the 0.69× of `bench/generation.json`);
+rows of `bench/generation.py`'s signals benchmark (preference rows, batch 16, k = 50, shards of 64 rows), and on the
+same rows with one response each (the chosen one as `completion`, so no prompt is shared):
+- the job's and the raw forwards' response tokens/s and their ratios (`bench.generation.signals_throughput`, the
+  measurement behind the 0.69× of `bench/generation.json`): `raw_forward` runs one sequence per response in the
+  job's batches (the issue's yardstick), `own_forward` replays the job's own forward calls (preference rows: a row's
+  responses share one sequence and its prompt, `share_prompts`), so `ratio_vs_own_forward` is the share of the job's
+  time that is its forwards; `*_model_tokens` count the (padded) tokens each runs through the model;
 - a breakdown of one job run (`REPEATS` runs averaged, models loaded once), by wall time inside: the teacher's
-  forward (`model`), the backend's scoring around it (`score_other`: padding, log_softmax, top-k, the rest
+  forward (`model`), the backend's scoring around it (`score_other`: padding, masks, log_softmax, top-k, the rest
   log-mass, one numpy conversion per batch), the job's encoding of the rows for the store (`encode`: fp16 and id
   packing), and the rest of the main thread's time (`other`: input loading, fingerprints, manifest, the first shard's
   tokenization and the last shard's write, waits); in other threads, overlapped with the forwards: the
@@ -32,15 +36,14 @@ from bench.common import generation_models
 REPEATS = 5
 
 
-def breakdown(path: Path, folder: Path, rows_n: int, batch_size: int, k: int) -> dict[str, float]:
+def breakdown(path: Path, folder: Path, source_rows: list[dict], batch_size: int, k: int) -> dict[str, float]:
     """Seconds per job run by part (see the module docstring), from timers around the parts."""
     from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
     from align_distill.data_gen.jobs import run_signals, signals, teacher_signals
     from align_distill.data_gen.store import ShardedStore
-    from align_distill.synthetic import preference_rows
 
-    source = folder / f"breakdown-{path.name}.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(rows_n, 11)))
+    source = folder / f"breakdown-{path.name}-{len(source_rows[0])}.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in source_rows))
     teacher = TransformersGenerator(str(path), batch_size=batch_size, dtype="float32", device="cpu")
     spent: collections.Counter[str] = collections.Counter()
 
@@ -72,7 +75,7 @@ def breakdown(path: Path, folder: Path, rows_n: int, batch_size: int, k: int) ->
     runs = iter(range(10**6))
 
     def job() -> None:
-        out = folder / f"breakdown-{path.name}-{next(runs)}"  # one fresh store per run and model
+        out = folder / f"{source.stem}-{next(runs)}"  # one fresh store per run and model
         run_signals({**config, "output_dir": str(out)}, generators={"teacher": teacher})
 
     job()  # warm-up
@@ -92,16 +95,23 @@ def breakdown(path: Path, folder: Path, rows_n: int, batch_size: int, k: int) ->
     }
 
 
+def completion_rows(rows: list[dict]) -> list[dict]:
+    """The preference rows with one response each (the chosen one as `completion`): no prompt to share."""
+    return [{"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+
+
 def rows(quick: bool = True) -> list[dict]:
-    from bench.generation import bench_signals
+    from align_distill.synthetic import preference_rows
+    from bench.generation import signals_throughput
 
     torch.set_num_threads(1)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name, path in generation_models(folder, full=not quick).items():
-            measured = bench_signals(name, path, folder, 128, batch_size=16, k=50)[0]
-            out.append({**measured, **breakdown(path, folder, 128, 16, 50), "threads": 1})
+            for source_rows in (preference_rows(128, 11), completion_rows(preference_rows(128, 11))):
+                measured, _ = signals_throughput(name, path, folder, source_rows, batch_size=16, k=50)
+                out.append({**measured, **breakdown(path, folder, source_rows, 16, 50), "threads": 1})
     return out
 
 
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         from bench.fused_losses import _versions
 
         config = {"models": "tiny" if args.quick else "tiny,small", "rows": 128, "batch_size": 16, "top_k": 50}
-        config.update(shard_size=64, repeats=REPEATS)
+        config.update(shard_size=64, repeats=REPEATS, data="preference rows (2 responses), then the same with 1")
         document = {"config": config, "versions": _versions(), "rows": result}
         Path(args.json).write_text(json.dumps(document, indent=2))
 
