@@ -96,6 +96,23 @@ def prompt_groups(prompt_ids: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def packed_or_apart(group: list[int], prompt: int, lengths: list[int], hidden: int | None) -> list[list[int]]:
+    """`group` as one packed sequence, or each entry alone when packing would cost more. Per layer, a sequence of w
+    tokens costs about 12H² multiply-adds per token in its projections and 2H per query-key pair in attention (sdpa
+    computes every pair, masked or not), so cost(w) = w + w²/(6H) in units of one token's projections: packing saves
+    the repeated prompt's tokens and pays in the quadratic term, which wins for long prompts and wide models and loses
+    for many long responses to a short prompt."""
+    if len(group) == 1:
+        return [group]
+
+    def cost(width: int) -> float:
+        return width + (width * width / (6 * hidden) if hidden else 0.0)
+
+    packed = cost(prompt + sum(lengths[e] for e in group))
+    apart = sum(cost(prompt + lengths[e]) for e in group)
+    return [group] if packed < apart else [[e] for e in group]
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -312,7 +329,15 @@ class TransformersGenerator(Generator):
             if gather_ids is not None and len(gather_ids[row]) != len(response):
                 raise ValueError(f"row {row}: {len(gather_ids[row])} gather rows for {len(response)} response tokens")
         results: list[TokenScores | None] = [None] * len(prompt_ids)
-        groups = prompt_groups(prompt_ids) if self.shares_prompts else [[e] for e in range(len(prompt_ids))]
+        groups = [[e] for e in range(len(prompt_ids))]
+        if self.shares_prompts:
+            hidden = getattr(self.model.config.get_text_config(), "hidden_size", None)
+            lengths = [len(r) for r in response_ids]
+            groups = [
+                part
+                for group in prompt_groups(prompt_ids)
+                for part in packed_or_apart(group, len(prompt_ids[group[0]]), lengths, hidden)
+            ]
         shared = any(len(group) > 1 for group in groups)
 
         def width(group: list[int]) -> int:

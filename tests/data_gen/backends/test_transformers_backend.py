@@ -8,7 +8,7 @@ import torch
 
 from align_distill.data.tokens import encode_prompt, encode_prompt_response
 from align_distill.data_gen.backends import SamplingParams, TokenScores, make_generator
-from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
+from align_distill.data_gen.backends.transformers_backend import TransformersGenerator, packed_or_apart
 from align_distill.synthetic import prompt_rows
 
 
@@ -244,3 +244,24 @@ def test_prompts_are_not_shared_where_the_mask_would_be_wrong(tiny_models):
     widths = _recorded_widths(apart)
     apart.score(prompts, responses, 3)
     assert sum(r for r, _ in widths) == len(prompts)
+
+
+def test_packing_is_chosen_by_its_cost():
+    """cost(w) = w + w²/(6H) per sequence: a long prompt shared by two responses packs, many long responses to a short
+    prompt on a narrow model do not (attention's quadratic term outgrows the saved prompt tokens)."""
+    lengths = [8, 9, 60, 60, 60, 60]
+    assert packed_or_apart([0, 1], 14, lengths, hidden=128) == [[0, 1]]  # 31 + 1.25 < 2 × 22.6
+    assert packed_or_apart([2, 3, 4, 5], 3, lengths, hidden=128) == [[2], [3], [4], [5]]  # 243 + 76.9 > 4 × 68.2
+    assert packed_or_apart([2, 3, 4, 5], 3, lengths, hidden=4096) == [[2, 3, 4, 5]]
+    assert packed_or_apart([2, 3, 4, 5], 3, lengths, hidden=None) == [[2, 3, 4, 5]]  # tokens only: any prompt saves
+    assert packed_or_apart([3], 3, lengths, hidden=128) == [[3]]
+
+
+def test_a_group_that_costs_more_packed_is_scored_apart(teacher):
+    """Four 60-token responses to a 3-token prompt on the tiny teacher (H = 128): one sequence per response."""
+    prompt = [11, 12, 13]
+    responses = [[(7 * i + j) % 200 + 5 for j in range(60)] for i in range(4)]
+    generator = TransformersGenerator(teacher.model, teacher.tokenizer, batch_size=4)
+    widths = _recorded_widths(generator)
+    generator.score([prompt] * 4, responses, top_k=3)
+    assert widths == [(4, 63)]  # packed: [(1, 243)]
