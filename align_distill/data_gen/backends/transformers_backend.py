@@ -428,7 +428,7 @@ class TransformersGenerator(Generator):
             input_ids[g, padded - len(sequence) :] = sequence
             segment_ids[g, padded - len(sequence) :] = segment
             position_ids[g, padded - len(sequence) :] = position
-        segment_tensor = torch.from_numpy(segment_ids)
+        segment_tensor = torch.from_numpy(segment_ids).to(self.device)  # the mask is built where it is used
         if any(len(group) > 1 for group in groups):
             attention = self._shared_prompt_mask(segment_tensor)
         else:
@@ -465,11 +465,12 @@ class TransformersGenerator(Generator):
         keys, queries = segments[:, None, :], segments[:, :, None]
         width = segments.shape[-1]
         allowed = (keys >= 0) & ((keys == 0) | (keys == queries))
-        allowed &= torch.ones(width, width, dtype=torch.bool).tril()
-        allowed |= torch.eye(width, dtype=torch.bool)
+        allowed &= torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+        allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
         if self.model.config._attn_implementation == "eager":
             dtype = self.model.dtype
-            return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+            return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         return allowed[:, None]
 
     def _signals(
