@@ -302,18 +302,12 @@ def test_a_head_that_is_not_plain_takes_the_logits_path_with_one_info_line(
 ):
     """Logit soft-capping on the student (a transform after the head): the trainer says so once and the heads'
     forwards make the scored rows' logits (the logits path), as the other trainers do."""
-    import logging
+    from tests.trainers.test_fused_step import softcapped_steps
 
     trainer = _trainer(tiny_models, teacher_pair, pairs, tmp_path, blockwise_lm_head=False)
-    trainer.model.config.final_logit_softcapping = 30.0  # read by the check; qwen2's forward ignores it
     batch = _first_batch(trainer)
-    heads = []
-    handle = trainer.model.get_output_embeddings().register_forward_hook(lambda m, a, out: heads.append(out.shape))
-    with caplog.at_level(logging.INFO, logger="align_distill.trainers.fused_heads"):
-        trainer.compute_loss(trainer.model, batch)
-        trainer.compute_loss(trainer.model, batch)
-    handle.remove()
-    lines = [r.message for r in caplog.records if "logits path" in r.message]
+    heads, messages = softcapped_steps(trainer, batch, caplog)
+    lines = [message for message in messages if "logits path" in message]
     assert len(lines) == 1 and "AlignDistilTrainer" in lines[0]
     assert len(heads) == 2 and all(shape[1] > 0 for shape in heads)  # the head made the scored rows' logits
 

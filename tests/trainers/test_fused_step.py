@@ -175,20 +175,30 @@ def test_the_fused_step_builds_no_batch_by_vocabulary_tensor(tiny_models, tiny_t
     assert largest_vocabulary_tensor(plain, batch, len(tiny_tokenizer)) >= logits_numel
 
 
+def softcapped_steps(trainer, batch, caplog) -> tuple[list[torch.Size], list[str]]:
+    """Logit soft-capping set on the student's config (read by the fused-path check; qwen2's forward ignores it),
+    then two `compute_loss` calls: the output shapes of the student's head and the fused-heads log lines."""
+    trainer.model.config.final_logit_softcapping = 30.0
+    heads: list[torch.Size] = []
+    head = trainer.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: heads.append(out.shape))
+    try:
+        with caplog.at_level(logging.INFO, logger="align_distill.trainers.fused_heads"):
+            trainer.compute_loss(trainer.model, batch)
+            trainer.compute_loss(trainer.model, batch)
+    finally:
+        handle.remove()
+    return heads, [record.message for record in caplog.records]
+
+
 def test_a_head_that_is_not_plain_takes_the_logits_path(tiny_models, tiny_tokenizer, dckd_data, tmp_path, caplog):  # noqa: F811
     """Logit soft-capping (a transform after the head): one info line, then the logits path, the same loss."""
     settings = {"signals_path": str(dckd_data["signals"])}
     fused = dckd(tiny_models, tiny_tokenizer, dckd_data, tmp_path / "f", True, **settings)
-    fused.model.config.final_logit_softcapping = 30.0  # read by the check; qwen2's forward ignores it
     batch = first_batch(fused)
-    heads = []
-    handle = fused.model.get_output_embeddings().register_forward_hook(lambda m, a, out: heads.append(out.shape))
-    with caplog.at_level(logging.INFO, logger="align_distill.trainers.fused_heads"):
-        fused.compute_loss(fused.model, batch)
-        fused.compute_loss(fused.model, batch)
-    handle.remove()
-    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "logits path" in caplog.records[0].message
+    heads, messages = softcapped_steps(fused, batch, caplog)
+    assert messages.count(messages[0]) == 1
+    assert "logits path" in messages[0]
     assert all(shape[1] == batch["input_ids"].shape[1] for shape in heads)  # the head made every row's logits
 
 
