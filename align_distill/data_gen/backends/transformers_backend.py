@@ -393,10 +393,11 @@ class TransformersGenerator(Generator):
         its prompt, left-padded so that every sequence ends at the last position. Position p predicts token p+1: a
         response's first token is predicted at the prompt's last position, the others at the response's own."""
         entries = [e for group in groups for e in group]
-        lengths = [len(response_ids[e]) for e in entries]
-        if not sum(lengths):
-            for e in entries:
+        for e in entries:
+            if not response_ids[e]:
                 results[e] = TokenScores([], [], [], [])
+        scored = [e for e in entries if response_ids[e]]
+        if not scored:
             return
         sequences, segments, positions = [], [], []
         rows: list[np.ndarray] = []  # where each scored token is predicted: batch row and column of the kept window,
@@ -435,17 +436,13 @@ class TransformersGenerator(Generator):
             attention = (segment_tensor >= 0).long()
         logits = self.model(
             input_ids=torch.from_numpy(input_ids).to(self.device),
-            attention_mask=attention.to(self.device),
+            attention_mask=attention,
             position_ids=torch.from_numpy(position_ids).to(self.device),
             logits_to_keep=keep,
             use_cache=False,
         ).logits
         row_index = torch.from_numpy(np.concatenate(rows)).to(logits.device)
         column_index = torch.from_numpy(np.concatenate(columns)).to(logits.device)
-        scored = [e for e, n in zip(entries, lengths) if n]
-        for e in entries:
-            if not len(response_ids[e]):
-                results[e] = TokenScores([], [], [], [])
         budget = max(1, self.logprob_budget_bytes // (logits.shape[-1] * 4))  # float32 log-prob rows at once
         first = token = 0
         while first < len(scored):  # a few entries at a time: bounded memory, results independent of the split
