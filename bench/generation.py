@@ -129,7 +129,7 @@ def signals_throughput(
     """The `signals` job on `source_rows` raced against raw forwards of the teacher: over one sequence per response
     in the job's batches (`raw_forward`, `raw_forward_topk`), and the job's own forward calls replayed
     (`own_forward`: the same packed inputs, so `ratio_vs_own_forward` is the job's work around its forwards). Returns
-    the row and what the cache measurements reuse (`config`, `generators`, `job`, `out`, `cache`)."""
+    the row and what the cache measurements reuse (`config`, `generators`, `out`, `cache`)."""
     from align_distill.data_gen.backends.transformers_backend import TransformersGenerator
     from align_distill.data_gen.jobs import load_signals, run_signals
 
@@ -204,7 +204,7 @@ def signals_throughput(
         "ratio_vs_forward_topk": round(topk_s / job_s, 3),
         "ratio_vs_own_forward": round(own_s / job_s, 3),
     }
-    return row, {"config": config, "generators": generators, "job": job, "out": out, "cache": cache}
+    return row, {"config": config, "generators": generators, "out": out, "cache": cache}
 
 
 def bench_signals(name: str, path: Path, folder: Path, rows_n: int, batch_size: int, k: int) -> list[dict]:
